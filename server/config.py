@@ -262,6 +262,8 @@ def validate(cfg: Config) -> None:
         problems.append("runner.dtype must be float32, float16 or bfloat16")
     if cfg.runner.name not in ("whisper", "sensevoice"):
         problems.append("runner.name must be whisper or sensevoice")
+    if cfg.runner.name == "whisper" and cfg.vad.max_segment_ms > 30000:
+        problems.append("vad.max_segment_ms must be <= 30000 for whisper (it sees 30 s at a time)")
     if cfg.vad.max_segment_ms <= cfg.vad.endpoint_ms:
         problems.append("vad.max_segment_ms must exceed vad.endpoint_ms")
     if problems:

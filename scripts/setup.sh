@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One-step setup: a virtualenv in .venv with torch, Chorus and its test tools.
+#
+# torch is installed first and explicitly, because an unpinned torch pulled in by a
+# dependency would fetch several GB of CUDA packages. Choose it with CHORUS_TORCH:
+#   CHORUS_TORCH=torch==2.13.0   (default; the CPU build on this project's machines)
+#   CHORUS_TORCH=skip            keep the torch the base interpreter already has (e.g. your
+#                                CUDA build): the venv is then made with --system-site-packages
+# A torch already importable inside .venv is always kept.
+# Re-running is cheap: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${CHORUS_PYTHON:-python3}
+TORCH_SPEC=${CHORUS_TORCH:-torch==2.13.0}
+VENV=${CHORUS_VENV:-.venv}
+
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
+    echo "setup: Python >= 3.11 is required (found $("$PY" --version 2>&1)); set CHORUS_PYTHON" >&2
+    exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    if [ "$TORCH_SPEC" = "skip" ]; then
+        "$PY" -m venv --system-site-packages "$VENV"
+    else
+        "$PY" -m venv "$VENV"
+    fi
+fi
+VPY="$VENV/bin/python"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if "$VPY" -c 'import torch' 2>/dev/null; then
+    echo "setup: keeping installed torch $("$VPY" -c 'import torch; print(torch.__version__)')"
+elif [ "$TORCH_SPEC" = "skip" ]; then
+    echo "setup: CHORUS_TORCH=skip but no torch is importable from $PY" >&2
+    exit 1
+else
+    echo "setup: installing $TORCH_SPEC"
+    "$VPY" -m pip install -q "$TORCH_SPEC"
+fi
+
+# Editable, so the tests and the server run the checkout's code.
+if ! "$VPY" -c 'import server, pytest, funasr, webrtcvad' 2>/dev/null || [ pyproject.toml -nt "$VENV/.chorus-installed" ]; then
+    echo "setup: installing chorus and its dependencies (first time: a few minutes)"
+    "$VPY" -m pip install -q -e ".[test]"
+    touch "$VENV/.chorus-installed"
+fi
+echo "setup: ready ($("$VPY" -c 'import torch, funasr; print("torch", torch.__version__, "funasr", funasr.__version__)' 2>/dev/null | tail -1))"

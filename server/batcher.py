@@ -1,0 +1,276 @@
+"""The central micro-batcher: one per model, one worker thread that owns the model.
+
+Sessions submit requests from the event loop and get an ``asyncio.Future``. The
+worker thread forms a batch within a deadline window (``batch_wait_ms`` after the
+oldest waiting request arrived, or at once when a full batch is waiting), runs the
+runner, and resolves each future on the loop with ``call_soon_threadsafe``.
+
+Policy, in order:
+- finals before partials: a batch is all finals while any final waits;
+- at most one pending partial per session: a newer one replaces the older, whose
+  future resolves to ``None`` (superseded);
+- items of one length bucket per batch, so short items are not padded to long ones;
+- at most ``max_batch_size`` items and ``max_batch_audio_s`` padded audio seconds;
+- a failing batch fails every request in it, and the worker lives on;
+- a session that goes away cancels its requests; they are never run.
+
+Nothing here touches sockets or sessions, and nothing blocks the event loop beyond
+a short lock held while a request is appended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import enum
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
+
+import numpy as np
+
+from server.config import BatcherConfig
+from server.metrics import Metrics
+from server.runners.base import ItemOptions, ModelRunner, Transcript
+
+log = logging.getLogger(__name__)
+
+
+class Kind(enum.IntEnum):
+    FINAL = 0
+    PARTIAL = 1
+
+
+class BatcherStopped(RuntimeError):
+    """The batcher shut down before the request ran."""
+
+
+class Overloaded(RuntimeError):
+    """The queue is full; the request was refused."""
+
+
+@dataclass(eq=False)
+class Request:
+    audio: np.ndarray
+    options: ItemOptions
+    kind: Kind
+    session: Hashable
+    future: asyncio.Future
+    bucket: int
+    enqueued: float = field(default_factory=time.monotonic)
+    seq: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / 16000.0
+
+
+class MicroBatcher:
+    def __init__(self, runner: ModelRunner, config: BatcherConfig, metrics: Metrics) -> None:
+        self.runner = runner
+        self.config = config
+        self.metrics = metrics
+        if config.enabled:
+            self.max_batch = config.max_batch_size
+            self.wait_s = config.batch_wait_ms / 1000.0
+        else:
+            # The way most servers work: one request, one model call, no waiting for company.
+            self.max_batch = 1
+            self.wait_s = 0.0
+        self.bucket_edges = list(config.length_buckets_s)
+        self._cond = threading.Condition()
+        self._finals: collections.deque[Request] = collections.deque()
+        self._partials: dict[Hashable, Request] = {}  # insertion-ordered: oldest first
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._seq = itertools.count()
+        self.batches_run = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._running = True
+        self._thread = threading.Thread(target=self._worker, name=f"batcher-{self.runner.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the worker after its current batch; fail whatever still waits."""
+        with self._cond:
+            self._running = False
+            left = list(self._finals) + list(self._partials.values())
+            self._finals.clear()
+            self._partials.clear()
+            self._cond.notify_all()
+        for req in left:
+            self._resolve(req, exc=BatcherStopped("server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ event-loop side
+    def bucket_of(self, seconds: float) -> int:
+        return min(bisect.bisect_left(self.bucket_edges, seconds), len(self.bucket_edges) - 1) if self.bucket_edges else 0
+
+    def submit(self, audio: np.ndarray, options: ItemOptions, kind: Kind, session: Hashable) -> asyncio.Future:
+        """Queue one item; the future resolves to a Transcript (or None for a superseded partial)."""
+        assert self._loop is not None, "batcher not started"
+        fut = self._loop.create_future()
+        req = Request(audio, options, kind, session, fut, self.bucket_of(len(audio) / 16000.0), seq=next(self._seq))
+        replaced = None
+        with self._cond:
+            if not self._running:
+                fut.set_exception(BatcherStopped("server is shutting down"))
+                return fut
+            depth = len(self._finals) + len(self._partials)
+            if kind is Kind.PARTIAL:
+                if depth >= self.config.max_queue and session not in self._partials:
+                    self.metrics.requests_dropped.labels("partial", "overload").inc()
+                    fut.set_exception(Overloaded("batcher queue full"))
+                    return fut
+                replaced = self._partials.pop(session, None)
+                self._partials[session] = req
+            else:
+                # Finals always queue: dropping one would lose a user's words.
+                self._finals.append(req)
+            self.metrics.queue_depth.set(len(self._finals) + len(self._partials))
+            self._cond.notify()
+        self.metrics.requests.labels(kind.name.lower()).inc()
+        if replaced is not None:
+            self.metrics.requests_dropped.labels("partial", "superseded").inc()
+            if not replaced.future.done():
+                replaced.future.set_result(None)
+        return fut
+
+    def cancel_session(self, session: Hashable) -> int:
+        """Forget every waiting request of a session that went away. Returns how many."""
+        with self._cond:
+            gone = [r for r in self._finals if r.session == session]
+            if gone:
+                self._finals = collections.deque(r for r in self._finals if r.session != session)
+            p = self._partials.pop(session, None)
+            if p is not None:
+                gone.append(p)
+            self.metrics.queue_depth.set(len(self._finals) + len(self._partials))
+        for r in gone:
+            self.metrics.requests_dropped.labels(r.kind.name.lower(), "cancelled").inc()
+            if not r.future.done():
+                r.future.cancel()
+        return len(gone)
+
+    # ------------------------------------------------------------------ worker side
+    def _ready_count(self) -> int:
+        """Items that could go into the next batch right now (for the 'full batch' early wake)."""
+        if self._finals:
+            b = self._finals[0].bucket
+            return sum(1 for r in self._finals if r.bucket == b)
+        if self._partials:
+            b = next(iter(self._partials.values())).bucket
+            return sum(1 for r in self._partials.values() if r.bucket == b)
+        return 0
+
+    def _oldest_enqueued(self) -> float:
+        times = []
+        if self._finals:
+            times.append(self._finals[0].enqueued)
+        if self._partials:
+            times.append(next(iter(self._partials.values())).enqueued)
+        return min(times)
+
+    def _take_batch(self) -> list[Request]:
+        """Pick the next batch (lock held): finals first, one bucket, size and audio budget."""
+        edge = self.bucket_edges
+        budget = self.config.max_batch_audio_s
+        batch: list[Request] = []
+
+        def fits(r: Request) -> bool:
+            if len(batch) >= self.max_batch:
+                return False
+            # Padded cost: every item in a bucket costs the bucket's upper edge.
+            per_item = edge[r.bucket] if edge else r.seconds
+            return not batch or per_item * (len(batch) + 1) <= budget
+
+        if self._finals:
+            bucket = self._finals[0].bucket
+            keep: collections.deque[Request] = collections.deque()
+            for r in self._finals:
+                if r.bucket == bucket and fits(r):
+                    batch.append(r)
+                else:
+                    keep.append(r)
+            self._finals = keep
+        elif self._partials:
+            bucket = next(iter(self._partials.values())).bucket
+            for key, r in list(self._partials.items()):
+                if r.bucket == bucket and fits(r):
+                    batch.append(r)
+                    del self._partials[key]
+        self.metrics.queue_depth.set(len(self._finals) + len(self._partials))
+        return batch
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while self._running and not (self._finals or self._partials):
+                    self._cond.wait()
+                if not self._running:
+                    return
+                # Deadline window from the oldest waiting request, not a sleep-poll loop.
+                deadline = self._oldest_enqueued() + self.wait_s
+                while self._running and self._ready_count() < self.max_batch:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                if not self._running:
+                    return
+                batch = self._take_batch()
+            # Skip requests whose session vanished while they waited.
+            batch = [r for r in batch if not r.future.cancelled()]
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: Sequence[Request]) -> None:
+        start = time.monotonic()
+        for r in batch:
+            self.metrics.queue_wait.labels(r.kind.name.lower()).observe(start - r.enqueued)
+        try:
+            results = self.runner.transcribe([r.audio for r in batch], [r.options for r in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} items")
+        except Exception as exc:  # noqa: BLE001 - a failed batch must fail its requests, not the worker
+            log.exception("model call failed for a batch of %d", len(batch))
+            for r in batch:
+                self._resolve(r, exc=exc)
+            return
+        took = time.monotonic() - start
+        audio_s = sum(r.seconds for r in batch)
+        self.batches_run += 1
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_audio_seconds.observe(audio_s)
+        self.metrics.model_seconds.observe(took)
+        if audio_s > 0:
+            self.metrics.rtf.observe(took / audio_s)
+        for r, res in zip(batch, results):
+            self._resolve(r, result=res)
+
+    def _resolve(self, req: Request, result: Transcript | None = None, exc: BaseException | None = None) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        def settle() -> None:
+            if req.future.done():
+                return
+            if exc is not None:
+                req.future.set_exception(exc)
+            else:
+                req.future.set_result(result)
+
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # loop closed between the check and the call
+            pass

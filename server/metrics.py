@@ -1,0 +1,55 @@
+"""Prometheus metrics, one registry per server instance.
+
+A registry per instance (not the global default) so that tests and benchmarks can
+run several servers in one process without duplicate-registration errors.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+
+
+class Metrics:
+    """Every metric the server exports; names are stable API for dashboards."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions_active = Gauge("chorus_sessions_active", "Open streaming sessions.", registry=r)
+        self.sessions_total = Counter("chorus_sessions", "Sessions accepted.", registry=r)
+        self.sessions_rejected = Counter("chorus_sessions_rejected", "Handshakes refused with 503 (full or not ready).", registry=r)
+        self.segments = Counter("chorus_segments", "Speech segments finalised.", ["reason"], registry=r)
+        self.audio_seconds = Counter("chorus_audio_seconds", "Audio received, in seconds (after resampling).", registry=r)
+        self.errors = Counter("chorus_errors", "Error messages sent to clients.", ["code"], registry=r)
+        self.requests = Counter("chorus_requests", "Model requests submitted to the batcher.", ["kind"], registry=r)
+        self.requests_dropped = Counter(
+            "chorus_requests_dropped", "Requests not run: superseded partials, overload, cancelled sessions.", ["kind", "why"], registry=r
+        )
+        self.batch_size = Histogram("chorus_batch_size", "Items per model call.", buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_audio_seconds = Histogram(
+            "chorus_batch_audio_seconds", "Audio seconds per model call.", buckets=(1, 2, 5, 10, 20, 40, 80, 160, 320), registry=r
+        )
+        self.queue_wait = Histogram(
+            "chorus_queue_wait_seconds", "Time a request waited in the batcher.", ["kind"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.model_seconds = Histogram("chorus_model_seconds", "Wall time of one model call.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.rtf = Histogram(
+            "chorus_real_time_factor", "Model wall time / audio seconds in the batch (lower is better).",
+            buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.5, 1.0, 2.0), registry=r,
+        )
+        self.partial_latency = Histogram(
+            "chorus_partial_latency_seconds", "From partial request to the partial being queued for the client.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.final_latency = Histogram(
+            "chorus_final_latency_seconds", "From the end-of-segment decision to the final being queued for the client.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge("chorus_batcher_queue_depth", "Requests waiting in the batcher.", registry=r)
+        self.model_ready = Gauge("chorus_model_ready", "1 once the model is loaded and warm.", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,226 @@
+"""One live stream: audio clock, endpointer, segments, partial scheduling, ordered results.
+
+A Session knows nothing of sockets or wire formats: a protocol adapter feeds it
+bytes and controls, and it reports through a ``SessionOutput`` (which the adapter
+encodes in its own dialect). It never imports torch; model work goes through the
+batcher and comes back as futures on the event loop.
+
+Ordering guarantees the adapters rely on:
+- finals are emitted in segment order, each exactly once;
+- a partial is emitted only for the segment that is still open and only if it is
+  newer than the last partial sent for it, so partials of a segment precede its final;
+- after ``stop()`` every confirmed segment has had its final before ``on_done``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from server.audio.codecs import AudioFormatError, decode
+from server.audio.resample import StreamResampler
+from server.batcher import BatcherStopped, Kind, MicroBatcher, Overloaded
+from server.config import Config
+from server.metrics import Metrics
+from server.protocol.native import StreamConfig
+from server.runners.base import ItemOptions, Transcript
+from server.vad.endpointer import Endpointer, EndpointerSettings, SegmentEnded, SpeechStarted
+
+log = logging.getLogger(__name__)
+
+
+class SessionOutput(Protocol):
+    """What a protocol adapter must implement to receive a session's results."""
+
+    def on_speech_started(self, segment_id: int, start_ms: int) -> None: ...
+    def on_partial(self, segment_id: int, text: str, start_ms: int, end_ms: int, fields: dict[str, Any]) -> None: ...
+    def on_final(self, segment_id: int, text: str, start_ms: int, end_ms: int, cut_ms: int, fields: dict[str, Any]) -> None: ...
+    def on_error(self, code: str, message: str, fatal: bool) -> None: ...
+
+
+def result_fields(t: Transcript) -> dict[str, Any]:
+    """Model extras worth sending to clients (scalars only; token lists stay server-side)."""
+    out: dict[str, Any] = {"language": t.language}
+    for k, v in t.fields.items():
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            out[k] = v
+    return out
+
+
+@dataclass
+class _PendingFinal:
+    segment: SegmentEnded
+    future: asyncio.Future
+    decided_at: float  # monotonic time the segment was cut, for the latency metric
+
+
+class Session:
+    def __init__(
+        self,
+        config: Config,
+        stream: StreamConfig,
+        batcher: MicroBatcher,
+        output: SessionOutput,
+        metrics: Metrics,
+        session_id: str | None = None,
+    ) -> None:
+        self.id = session_id or uuid.uuid4().hex[:16]
+        self.config = config
+        self.stream = stream
+        self.batcher = batcher
+        self.output = output
+        self.metrics = metrics
+        self.options = ItemOptions(language=stream.language)
+        settings = EndpointerSettings.from_config(config.vad, stream.endpointing_ms, stream.max_segment_ms)
+        self.settings = settings
+        self.endpointer = Endpointer(settings)
+        self.resampler = StreamResampler(stream.sample_rate, 16000) if stream.sample_rate != 16000 else None
+        interval = config.batcher.partial_interval_ms
+        self.partial_interval_ms = interval if (stream.interim_results and interval > 0) else 0
+        self._finals: collections.deque[_PendingFinal] = collections.deque()
+        self._partial_future: asyncio.Future | None = None
+        self._partial_segment: int | None = None
+        self._last_partial_request_ms = 0
+        self._partial_seq = 0
+        self._last_partial_sent: dict[int, int] = {}
+        self._open_segment: int | None = None
+        self._finalised: set[int] = set()
+        self._closed = False
+        self._stopping = False
+
+    # ------------------------------------------------------------------ input
+    def feed_audio(self, data: bytes) -> None:
+        """Decode, resample and endpoint one binary message. Raises AudioFormatError on bad bytes."""
+        if self._closed or self._stopping:
+            return
+        samples = decode(data, self.stream.encoding)
+        if self.resampler is not None:
+            samples = self.resampler.process(samples)
+        self.metrics.audio_seconds.inc(len(samples) / 16000.0)
+        self._handle(self.endpointer.feed(samples))
+        self._maybe_request_partial()
+
+    def finalize(self) -> None:
+        """Client asked to end the current segment now."""
+        if not self._closed and not self._stopping:
+            self._handle(self.endpointer.finalize())
+
+    async def stop(self) -> None:
+        """Flush: the open segment is finalised, every pending final is delivered."""
+        if self._closed or self._stopping:
+            return
+        self._stopping = True
+        if self.resampler is not None:
+            tail = self.resampler.flush()
+            if len(tail):
+                self._handle(self.endpointer.feed(tail))
+        self._handle(self.endpointer.flush())
+        while self._finals:
+            await asyncio.wait([p.future for p in self._finals])
+            self._drain_finals()
+
+    def close(self) -> None:
+        """The connection is gone: drop everything this session still has queued."""
+        if self._closed:
+            return
+        self._closed = True
+        n = self.batcher.cancel_session(self.id)
+        for p in self._finals:
+            p.future.cancel()
+        self._finals.clear()
+        if self._partial_future is not None:
+            self._partial_future.cancel()
+        if n:
+            log.info("session %s closed with %d queued request(s) dropped", self.id, n)
+
+    # ------------------------------------------------------------------ endpointer events
+    def _handle(self, events: list[SpeechStarted | SegmentEnded]) -> None:
+        for ev in events:
+            if isinstance(ev, SpeechStarted):
+                self._open_segment = ev.segment_id
+                self._last_partial_request_ms = self.endpointer.stream_ms
+                self.output.on_speech_started(ev.segment_id, ev.start_ms)
+            else:
+                self._submit_final(ev)
+
+    def _submit_final(self, seg: SegmentEnded) -> None:
+        if self._open_segment == seg.segment_id:
+            self._open_segment = None
+        self.metrics.segments.labels(seg.reason).inc()
+        fut = self.batcher.submit(seg.audio, self.options, Kind.FINAL, self.id)
+        pending = _PendingFinal(seg, fut, time.monotonic())
+        self._finals.append(pending)
+        fut.add_done_callback(lambda _f: self._drain_finals())
+
+    def _drain_finals(self) -> None:
+        """Emit finished finals in segment order; a later one waits for an earlier one."""
+        while self._finals and self._finals[0].future.done():
+            p = self._finals.popleft()
+            if self._closed or p.future.cancelled():
+                continue
+            seg = p.segment
+            self._finalised.add(seg.segment_id)
+            exc = p.future.exception()
+            if exc is not None:
+                # The words are lost for this segment only; say so instead of hanging.
+                code = "overloaded" if isinstance(exc, (Overloaded, BatcherStopped)) else "internal"
+                self.output.on_error(code, f"segment {seg.segment_id} could not be recognised: {exc}", False)
+                self.output.on_final(seg.segment_id, "", seg.start_ms, seg.end_ms, seg.cut_ms, {"error": code})
+                continue
+            t: Transcript = p.future.result()
+            self.metrics.final_latency.observe(time.monotonic() - p.decided_at)
+            self.output.on_final(seg.segment_id, t.text, seg.start_ms, seg.end_ms, seg.cut_ms, result_fields(t))
+
+    # ------------------------------------------------------------------ partials
+    def _maybe_request_partial(self) -> None:
+        if not self.partial_interval_ms or self._closed or self._stopping:
+            return
+        if self._partial_future is not None and not self._partial_future.done():
+            # One in flight already: the batcher would replace it anyway; don't churn.
+            return
+        now_ms = self.endpointer.stream_ms
+        if now_ms - self._last_partial_request_ms < self.partial_interval_ms:
+            return
+        seg = self.endpointer.open_segment()
+        if seg is None:
+            return
+        segment_id, start_ms, audio = seg
+        self._last_partial_request_ms = now_ms
+        self._partial_seq += 1
+        seq = self._partial_seq
+        requested = time.monotonic()
+        audio = np.array(audio, copy=True)  # the endpointer keeps growing its buffer
+        end_ms = start_ms + len(audio) * 1000 // 16000
+        fut = self.batcher.submit(audio, self.options, Kind.PARTIAL, self.id)
+        self._partial_future = fut
+        fut.add_done_callback(lambda f: self._on_partial(f, segment_id, start_ms, end_ms, seq, requested))
+
+    def _on_partial(self, fut: asyncio.Future, segment_id: int, start_ms: int, end_ms: int, seq: int, requested: float) -> None:
+        if self._closed or fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            if not isinstance(exc, (Overloaded, BatcherStopped)):
+                log.warning("partial failed for session %s: %s", self.id, exc)
+            return
+        t = fut.result()
+        if t is None:  # superseded by a newer partial
+            return
+        # A partial must never arrive after its segment's final, nor out of order.
+        if segment_id in self._finalised or self._open_segment != segment_id:
+            return
+        if self._last_partial_sent.get(segment_id, 0) >= seq:
+            return
+        self._last_partial_sent = {segment_id: seq}
+        self.metrics.partial_latency.observe(time.monotonic() - requested)
+        self.output.on_partial(segment_id, t.text, start_ms, end_ms, result_fields(t))
+
+
+__all__ = ["Session", "SessionOutput", "AudioFormatError", "result_fields"]

@@ -1,0 +1,1 @@
+"""Network edge: the websockets listener, HTTP routes, admission, per-dialect connection adapters."""

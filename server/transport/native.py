@@ -1,0 +1,197 @@
+"""The native dialect's connection adapter: /v1/stream messages <-> one Session.
+
+This is the only place where the native JSON codec meets a socket. It owns the
+outgoing queue of one client (bounded: a client that stops reading is disconnected
+with 1008 instead of being buffered for without limit) and translates protocol
+errors into structured ``error`` messages. Nothing a client sends may escape this
+adapter as an exception: the worst outcome for a client is its own close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from server.audio.codecs import AudioFormatError
+from server.protocol import native
+from server.protocol.native import Finalize, KeepAlive, ProtocolError, Start, Stop
+from server.session import Session
+
+if TYPE_CHECKING:
+    from server.app import ChorusServer
+
+log = logging.getLogger(__name__)
+
+_CLOSE_NORMAL = 1000
+_CLOSE_POLICY = 1008
+_CLOSE_INTERNAL = 1011
+
+
+class NativeConnection:
+    """Implements SessionOutput for one WebSocket client speaking the native protocol."""
+
+    def __init__(self, app: "ChorusServer", ws: ServerConnection) -> None:
+        self.app = app
+        self.ws = ws
+        self.cfg = app.config.server
+        self.session: Session | None = None
+        self.outbox: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self.cfg.max_outgoing_messages)
+        self._kicked = False
+
+    # ------------------------------------------------------------------ SessionOutput
+    def on_speech_started(self, segment_id: int, start_ms: int) -> None:
+        self._send(native.speech_started(segment_id, start_ms))
+
+    def on_partial(self, segment_id: int, text: str, start_ms: int, end_ms: int, fields: dict[str, Any]) -> None:
+        self._send(native.partial(segment_id, text, start_ms, end_ms, fields))
+
+    def on_final(self, segment_id: int, text: str, start_ms: int, end_ms: int, cut_ms: int, fields: dict[str, Any]) -> None:
+        self._send(native.final(segment_id, text, start_ms, end_ms, cut_ms, fields))
+
+    def on_error(self, code: str, message: str, fatal: bool) -> None:
+        self.app.metrics.errors.labels(code).inc()
+        self._send(native.error(code, message, fatal))
+
+    # ------------------------------------------------------------------ outgoing
+    def _send(self, text: str) -> None:
+        if self._kicked:
+            return
+        try:
+            self.outbox.put_nowait(text)
+        except asyncio.QueueFull:
+            # The client is not reading: cut it loose rather than hold its backlog (and stall nobody else).
+            self._kicked = True
+            log.warning("session %s: client fell %d messages behind; closing 1008", self._sid(), self.outbox.maxsize)
+            self.app.metrics.errors.labels("slow_consumer").inc()
+            asyncio.get_running_loop().create_task(self.ws.close(_CLOSE_POLICY, "slow_consumer: client is not reading results"))
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                text = await self.outbox.get()
+                if text is None:
+                    return
+                await self.ws.send(text)
+        except ConnectionClosed:
+            return
+
+    def _sid(self) -> str:
+        return self.session.id if self.session else "-"
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._writer())
+        close_code, reason = _CLOSE_NORMAL, ""
+        try:
+            close_code, reason = await self._serve()
+        except ConnectionClosed:
+            pass
+        except Exception:  # noqa: BLE001 - a bug here must close this client only
+            log.exception("session %s: internal error", self._sid())
+            self.on_error("internal", "internal server error; the session is closed", True)
+            close_code, reason = _CLOSE_INTERNAL, "internal error"
+        finally:
+            if self.session is not None:
+                self.session.close()
+        # Let queued messages (finals, done, errors) reach the client before closing.
+        if not self._kicked:
+            try:
+                self.outbox.put_nowait(None)
+                await asyncio.wait_for(writer, timeout=5.0)
+            except (asyncio.QueueFull, asyncio.TimeoutError):
+                pass
+        writer.cancel()
+        await self.ws.close(close_code, reason)
+
+    def _start(self, fields: dict) -> None:
+        stream = native.build_config(
+            fields,
+            default_language=self.cfg.default_language,
+            max_segment_ms_limit=self.app.max_segment_ms_limit(),
+        )
+        self.session = Session(self.app.config, stream, self.app.batcher, self, self.app.metrics)
+        eff = stream.to_dict()
+        eff["endpointing_ms"] = self.session.settings.endpoint_ms
+        eff["max_segment_ms"] = self.session.settings.max_segment_ms
+        eff["interim_results"] = bool(self.session.partial_interval_ms)
+        self._send(native.ready(self.session.id, native.StreamConfig(**eff), self.app.model_info()))
+        log.info("session %s started: %s", self.session.id, eff)
+
+    async def _serve(self) -> tuple[int, str]:
+        query = dict(parse_qsl(urlsplit(self.ws.request.path).query, keep_blank_values=True))
+        try:
+            fields = native.parse_query(query)
+            if fields:
+                self._start(fields)
+        except ProtocolError as e:
+            self.on_error(e.code, e.message, True)
+            return _CLOSE_POLICY, e.code
+
+        while True:
+            try:
+                message = await asyncio.wait_for(self.ws.recv(), timeout=self.cfg.idle_timeout_s)
+            except asyncio.TimeoutError:
+                self.on_error("idle_timeout", f"nothing received for {self.cfg.idle_timeout_s:g} s", True)
+                return _CLOSE_NORMAL, "idle timeout"
+            if isinstance(message, str):
+                done = await self._on_text(message)
+                if done is not None:
+                    return done
+            else:
+                self._on_audio(message)
+
+    async def _on_text(self, text: str) -> tuple[int, str] | None:
+        try:
+            msg = native.parse_text(text)
+        except ProtocolError as e:
+            self.on_error(e.code, e.message, e.fatal)
+            return (_CLOSE_POLICY, e.code) if e.fatal else None
+        if isinstance(msg, Start):
+            if self.session is not None:
+                self.on_error("already_started", "the session is already configured; start ignored", False)
+                return None
+            try:
+                self._start(msg.config_fields)
+            except ProtocolError as e:
+                self.on_error(e.code, e.message, e.fatal)
+                return (_CLOSE_POLICY, e.code) if e.fatal else None
+        elif isinstance(msg, Finalize):
+            if self.session is not None:
+                self.session.finalize()
+        elif isinstance(msg, KeepAlive):
+            pass
+        elif isinstance(msg, Stop):
+            if self.session is not None:
+                await self.session.stop()
+            self._send(native.done())
+            return _CLOSE_NORMAL, "done"
+        return None
+
+    def _on_audio(self, data: bytes) -> None:
+        if len(data) > self.cfg.max_message_bytes:
+            self.on_error("message_too_large", f"audio message of {len(data)} bytes exceeds {self.cfg.max_message_bytes}; dropped", False)
+            return
+        if self.session is None:
+            if self.cfg.require_config:
+                self.on_error("config_required", "send a start message (or URL parameters) before audio; audio dropped", False)
+                return
+            self._start({})
+        assert self.session is not None
+        try:
+            self.session.feed_audio(data)
+        except AudioFormatError as e:
+            self.on_error("bad_audio", f"{e}; message dropped", False)
+
+
+async def handle(app: "ChorusServer", ws: ServerConnection) -> None:
+    conn = NativeConnection(app, ws)
+    app.session_opened()
+    try:
+        await conn.run()
+    finally:
+        app.session_closed()

@@ -1,0 +1,145 @@
+"""Run a real ChorusServer on a loopback port in a background thread, and a small client.
+
+The server is the production object (websockets listener, batcher thread, real
+model); only its event loop lives in a test thread so tests can share one loaded
+model between several servers with different configs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.client import connect
+
+from server.app import ChorusServer
+from server.config import Config, load_config
+from server.runners.base import ModelRunner
+
+DATA = Path(__file__).parent / "data"
+CLIPS = sorted(DATA.glob("*.wav"))
+TRANSCRIPTS = json.loads((DATA / "transcripts.json").read_text())
+
+
+def read_clip(path: Path) -> np.ndarray:
+    with wave.open(str(path)) as w:
+        assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+
+
+def test_config(**overrides: Any) -> Config:
+    """Defaults from configs/default.yaml with a free port and the given dotted overrides."""
+    sets = {"server.port": "0", **{k: str(v) for k, v in overrides.items()}}
+    return load_config(Path(__file__).parent.parent / "configs" / "default.yaml", sets)
+
+
+class ServerThread:
+    def __init__(self, config: Config, runner: ModelRunner) -> None:
+        self.app = ChorusServer(config, runner=runner, preloaded=True)
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.app.start())
+        self._started.set()
+        self.loop.run_forever()
+
+    def __enter__(self) -> "ServerThread":
+        self._thread.start()
+        assert self._started.wait(60), "server did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fut = asyncio.run_coroutine_threadsafe(self.app.stop(), self.loop)
+        fut.result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.app.port}/v1/stream"
+
+    def http(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.app.port}{path}", timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def metric(self, name: str) -> float:
+        """Value of one un-labelled sample line in /metrics."""
+        _, text = self.http("/metrics")
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+
+@dataclass
+class StreamLog:
+    messages: list[dict] = field(default_factory=list)
+    close_code: int | None = None
+
+    def of(self, kind: str) -> list[dict]:
+        return [m for m in self.messages if m["type"] == kind]
+
+
+def pcm16(x: np.ndarray) -> bytes:
+    return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+async def stream_audio(
+    url: str,
+    audio: np.ndarray,
+    *,
+    speed: float = 4.0,
+    chunk_ms: int = 100,
+    start: dict | None = None,
+    lead_silence_s: float = 0.5,
+    tail_silence_s: float = 1.0,
+    stop: bool = True,
+    encode=pcm16,
+    rate: int = 16000,
+    timeout: float = 120.0,
+) -> StreamLog:
+    """Stream audio paced at `speed` x real time, then stop; collect every server message."""
+    log = StreamLog()
+    sil = lambda s: np.zeros(int(s * rate), dtype=np.float32)  # noqa: E731
+    x = np.concatenate([sil(lead_silence_s), audio, sil(tail_silence_s)])
+    step = int(rate * chunk_ms / 1000)
+    async with connect(url, max_size=None) as ws:
+        if start is not None:
+            await ws.send(json.dumps({"type": "start", **start}))
+
+        async def reader() -> None:
+            async for msg in ws:
+                log.messages.append(json.loads(msg))
+
+        rd = asyncio.create_task(reader())
+        t0 = time.monotonic()
+        for k, i in enumerate(range(0, len(x), step)):
+            delay = t0 + k * chunk_ms / 1000 / speed - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await ws.send(encode(x[i : i + step]))
+        if stop:
+            await ws.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(rd, timeout)
+        log.close_code = ws.close_code
+    return log
+
+
+def config_replace(cfg: Config, **sections: Any) -> Config:
+    return dataclasses.replace(cfg, **sections)

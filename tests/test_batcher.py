@@ -1,0 +1,188 @@
+"""MicroBatcher policy, with a recording runner standing in for a model.
+
+The model is replaced here (and only here) because these tests are about which
+requests go into which call; the real-model paths are covered by test_server.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from server.batcher import BatcherStopped, Kind, MicroBatcher
+from server.config import BatcherConfig, RunnerConfig
+from server.metrics import Metrics
+from server.runners.base import ItemOptions, ModelRunner, Transcript
+
+
+class RecordingRunner(ModelRunner):
+    """Returns each item's length as its text and records every batch it is given."""
+
+    name = "recording"
+
+    def __init__(self, delay: float = 0.0, fail_when=None) -> None:
+        super().__init__(RunnerConfig())
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.fail_when = fail_when
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def load(self) -> None:
+        pass
+
+    def transcribe(self, audios, options):
+        self.gate.wait(5)
+        lengths = [len(a) for a in audios]
+        self.batches.append(lengths)
+        if self.fail_when and self.fail_when(lengths):
+            raise RuntimeError("boom")
+        time.sleep(self.delay)
+        return [Transcript(text=str(n)) for n in lengths]
+
+
+def audio(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * 16000), dtype=np.float32)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def make(runner, **kw) -> MicroBatcher:
+    cfg = BatcherConfig(**{"batch_wait_ms": 20.0, "max_batch_size": 4, "length_buckets_s": (2.0, 5.0, 30.0), **kw})
+    return MicroBatcher(runner, cfg, Metrics())
+
+
+def test_concurrent_requests_share_one_call():
+    async def main():
+        r = RecordingRunner()
+        b = make(r)
+        b.start(asyncio.get_running_loop())
+        futs = [b.submit(audio(1.0 + i * 0.1), ItemOptions(), Kind.FINAL, f"s{i}") for i in range(4)]
+        res = await asyncio.gather(*futs)
+        b.stop()
+        return r, res
+
+    r, res = run(main())
+    assert [t.text for t in res] == [str(int((1.0 + i * 0.1) * 16000)) for i in range(4)]
+    assert r.batches == [[16000, 17600, 19200, 20800]]
+
+
+def test_max_batch_size_and_buckets_respected():
+    async def main():
+        r = RecordingRunner()
+        r.gate.clear()  # hold the worker so everything queues first
+        b = make(r, batch_wait_ms=1.0)
+        b.start(asyncio.get_running_loop())
+        futs = [b.submit(audio(1.0), ItemOptions(), Kind.FINAL, f"a{i}") for i in range(6)]
+        futs += [b.submit(audio(4.0), ItemOptions(), Kind.FINAL, f"b{i}") for i in range(2)]
+        await asyncio.sleep(0.05)
+        r.gate.set()
+        await asyncio.gather(*futs)
+        b.stop()
+        return r
+
+    r = run(main())
+    assert all(len(batch) <= 4 for batch in r.batches)
+    # No batch mixes the 1 s bucket with the 5 s bucket.
+    for batch in r.batches:
+        assert len({n <= 32000 for n in batch}) == 1
+    assert sorted(n for batch in r.batches for n in batch) == sorted([16000] * 6 + [64000] * 2)
+
+
+def test_finals_before_partials_and_partials_replaced():
+    async def main():
+        r = RecordingRunner()
+        r.gate.clear()
+        b = make(r, max_batch_size=8, batch_wait_ms=1.0)
+        b.start(asyncio.get_running_loop())
+        blocker = b.submit(audio(0.5), ItemOptions(), Kind.FINAL, "z")  # occupies the worker
+        await asyncio.sleep(0.05)
+        p_old = b.submit(audio(1.0), ItemOptions(), Kind.PARTIAL, "s1")
+        p_new = b.submit(audio(1.5), ItemOptions(), Kind.PARTIAL, "s1")
+        p_other = b.submit(audio(1.2), ItemOptions(), Kind.PARTIAL, "s2")
+        f = b.submit(audio(1.9), ItemOptions(), Kind.FINAL, "s3")
+        r.gate.set()
+        out = await asyncio.gather(blocker, p_old, p_new, p_other, f)
+        b.stop()
+        return r, out
+
+    r, (blocker, old, new, other, final) = run(main())
+    assert old is None  # superseded
+    assert new.text == "24000" and other.text == "19200" and final.text == "30400"
+    # batch 0 = the blocker; then the final alone, before the two partials.
+    assert r.batches[1] == [30400]
+    assert sorted(r.batches[2]) == [19200, 24000]
+
+
+def test_failed_batch_fails_its_requests_and_worker_survives():
+    async def main():
+        r = RecordingRunner(fail_when=lambda lengths: 8000 in lengths)
+        b = make(r, batch_wait_ms=1.0)
+        b.start(asyncio.get_running_loop())
+        bad = b.submit(audio(0.5), ItemOptions(), Kind.FINAL, "x")
+        with pytest.raises(RuntimeError, match="boom"):
+            await bad
+        good = await b.submit(audio(1.0), ItemOptions(), Kind.FINAL, "y")
+        b.stop()
+        return good
+
+    assert run(main()).text == "16000"
+
+
+def test_cancelled_session_requests_never_run_and_stop_fails_waiters():
+    async def main():
+        r = RecordingRunner()
+        r.gate.clear()
+        b = make(r, batch_wait_ms=1.0)
+        b.start(asyncio.get_running_loop())
+        first = b.submit(audio(0.5), ItemOptions(), Kind.FINAL, "keep")
+        await asyncio.sleep(0.05)  # worker now blocked inside the first batch
+        gone = [b.submit(audio(1.0), ItemOptions(), Kind.FINAL, "gone") for _ in range(3)]
+        left = b.submit(audio(1.0), ItemOptions(), Kind.FINAL, "left")
+        assert b.cancel_session("gone") == 3
+        assert all(g.cancelled() for g in gone)
+        r.gate.set()
+        await first
+        await left
+        late = b.submit(audio(1.0), ItemOptions(), Kind.FINAL, "late")
+        r.gate.clear()
+        await asyncio.sleep(0.05)
+        stopper = asyncio.get_running_loop().run_in_executor(None, b.stop, 0.1)
+        r.gate.set()
+        await stopper
+        return r, late
+
+    r, late = run(main())
+    assert [16000] * 3 not in r.batches and all(8000 in bt or 16000 in bt for bt in r.batches)
+    assert sum(len(bt) for bt in r.batches) <= 3  # first, left, maybe late; never the cancelled ones
+    assert late.done()
+
+
+def test_batching_off_means_one_item_per_call():
+    async def main():
+        r = RecordingRunner()
+        b = make(r, enabled=False)
+        b.start(asyncio.get_running_loop())
+        await asyncio.gather(*[b.submit(audio(1.0), ItemOptions(), Kind.FINAL, f"s{i}") for i in range(5)])
+        b.stop()
+        return r
+
+    assert all(len(batch) == 1 for batch in run(main()).batches)
+
+
+def test_submit_after_stop_is_refused():
+    async def main():
+        r = RecordingRunner()
+        b = make(r)
+        b.start(asyncio.get_running_loop())
+        b.stop()
+        with pytest.raises(BatcherStopped):
+            await b.submit(audio(1.0), ItemOptions(), Kind.FINAL, "s")
+
+    run(main())

@@ -1,0 +1,238 @@
+"""The streaming server end to end: real listener, real socket, real Whisper-base weights."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from server.wer import normalize_text, word_error_rate
+from tests.serverharness import CLIPS, TRANSCRIPTS, ServerThread, read_clip, stream_audio, test_config
+
+
+@pytest.fixture(scope="module")
+def srv(whisper_runner):
+    cfg = test_config(**{"batcher.partial_interval_ms": 500, "batcher.batch_wait_ms": 10})
+    with ServerThread(cfg, whisper_runner) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def strict_srv(whisper_runner):
+    """Config required before audio, one session at most, small messages."""
+    cfg = test_config(**{"server.require_config": "true", "server.max_sessions": 1, "server.max_message_bytes": 64000})
+    with ServerThread(cfg, whisper_runner) as s:
+        yield s
+
+
+def check_stream_invariants(log, audio_ms: int) -> None:
+    started = log.of("speech_started")
+    finals = log.of("final")
+    ids = [m["segment_id"] for m in finals]
+    assert ids == list(range(len(ids))), f"final segment ids not 0..n in order: {ids}"
+    assert [m["segment_id"] for m in started] == ids, "every speech_started gets exactly one final"
+    prev_end = -1
+    for f in finals:
+        assert 0 <= f["start_ms"] < f["end_ms"] <= f["cut_ms"] <= audio_ms + 50, f
+        assert f["start_ms"] >= prev_end - 1, "segments overlap"
+        prev_end = f["end_ms"]
+    # A partial never follows its segment's final.
+    seen_final: set[int] = set()
+    for m in log.messages:
+        if m["type"] == "final":
+            seen_final.add(m["segment_id"])
+        elif m["type"] == "partial":
+            assert m["segment_id"] not in seen_final, "partial after its final"
+            assert m["start_ms"] <= m["end_ms"]
+    assert log.messages[-1]["type"] == "done", log.messages[-3:]
+    assert log.close_code == 1000
+
+
+def test_concurrent_clips_faster_than_real_time(srv):
+    """All six clips at once, 4x real time: accurate finals, ordered, partials first, batched."""
+    batches_before = srv.app.batcher.batches_run
+
+    async def main():
+        return await asyncio.gather(*[stream_audio(srv.url, read_clip(c), speed=4.0) for c in CLIPS])
+
+    logs = asyncio.run(main())
+    refs, hyps = [], []
+    for clip, log in zip(CLIPS, logs):
+        audio_ms = int((len(read_clip(clip)) / 16000 + 1.5) * 1000)
+        check_stream_invariants(log, audio_ms)
+        finals = log.of("final")
+        assert finals, f"no final for {clip.name}"
+        # Speech starts after the 0.5 s of leading silence (less the pre-roll) and ends before the tail.
+        assert finals[0]["start_ms"] >= 150
+        refs.append(TRANSCRIPTS[clip.name])
+        hyps.append(" ".join(f["text"] for f in finals))
+        assert all(f.get("language") == "en" for f in finals if f["text"])
+    wer = word_error_rate(refs, hyps)
+    print(f"streaming WER over {len(CLIPS)} clips: {wer:.3%}")
+    for r, h in zip(refs, hyps):
+        print(f"  ref: {normalize_text(r)}\n  hyp: {normalize_text(h)}")
+    assert wer <= 0.06
+    assert sum(len(log.of("partial")) for log in logs) >= 1, "no partials at all"
+    # Several sessions speaking at once must have shared model calls.
+    assert srv.app.batcher.batches_run > batches_before
+    _, text = srv.http("/metrics")
+    count = float(next(l.split()[1] for l in text.splitlines() if l.startswith("chorus_batch_size_count")))
+    total = float(next(l.split()[1] for l in text.splitlines() if l.startswith("chorus_batch_size_sum")))
+    le1 = float(next(l.split()[1] for l in text.splitlines() if l.startswith('chorus_batch_size_bucket{le="1.0"}')))
+    assert count > 0 and total / count > 1.0 and le1 < count, "no batch larger than one"
+
+
+def test_disconnect_mid_segment_frees_resources_and_spares_others(srv):
+    jfk = read_clip(next(c for c in CLIPS if c.name == "jfk.wav"))
+    other = read_clip(CLIPS[0])
+
+    async def quitter():
+        async with connect(srv.url) as ws:
+            pcm = (jfk * 32767).astype("<i2").tobytes()
+            for i in range(0, len(pcm) // 2, 3200):  # ~6 s then vanish mid-sentence
+                await ws.send(pcm[i : i + 3200])
+                await asyncio.sleep(0.02)
+            ws.transport.abort()  # no close handshake: a crashed client
+
+    async def main():
+        return await asyncio.gather(quitter(), stream_audio(srv.url, other, speed=4.0))
+
+    _, log = asyncio.run(main())
+    hyp = " ".join(f["text"] for f in log.of("final"))
+    assert word_error_rate([TRANSCRIPTS[CLIPS[0].name]], [hyp]) <= 0.1, hyp
+    for _ in range(50):
+        if srv.app.sessions == 0:
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert srv.app.sessions == 0
+    assert srv.metric("chorus_sessions_active") == 0
+    assert srv.metric("chorus_batcher_queue_depth") == 0
+
+
+def test_stop_flushes_open_segment(srv):
+    """Stop right after the speech, with no trailing silence: the final still arrives, then done."""
+    jfk = read_clip(next(c for c in CLIPS if c.name == "jfk.wav"))
+    log = asyncio.run(stream_audio(srv.url, jfk, speed=8.0, tail_silence_s=0.0, start={"interim_results": False}))
+    assert log.of("partial") == []  # interim results off
+    assert log.of("ready")[0]["config"]["interim_results"] is False
+    finals = log.of("final")
+    assert finals and finals[-1]["cut_ms"] >= finals[-1]["end_ms"]
+    assert "country" in normalize_text(" ".join(f["text"] for f in finals))
+    assert log.messages[-1]["type"] == "done"
+
+
+def test_query_config_48k_float_audio(srv):
+    """Config in the URL, 48 kHz float32 input resampled on the server."""
+    from server.audio.resample import resample
+
+    clip = CLIPS[1]
+    x48 = resample(read_clip(clip), 16000, 48000)
+    url = srv.url + "?sample_rate=48000&encoding=pcm_f32le&language=en"
+    log = asyncio.run(stream_audio(url, x48, speed=4.0, rate=48000, encode=lambda a: a.astype("<f4").tobytes()))
+    ready = log.of("ready")[0]
+    assert ready["config"]["sample_rate"] == 48000 and ready["config"]["encoding"] == "pcm_f32le"
+    hyp = " ".join(f["text"] for f in log.of("final"))
+    assert word_error_rate([TRANSCRIPTS[clip.name]], [hyp]) <= 0.15, hyp
+
+
+def test_mulaw_8k_telephone_audio(srv):
+    from server.audio.codecs import encode_mulaw
+    from server.audio.resample import resample
+
+    jfk = read_clip(next(c for c in CLIPS if c.name == "jfk.wav"))
+    x8 = resample(jfk, 16000, 8000)
+    log = asyncio.run(
+        stream_audio(srv.url, x8, speed=4.0, rate=8000, start={"sample_rate": 8000, "encoding": "mulaw"}, encode=encode_mulaw)
+    )
+    hyp = normalize_text(" ".join(f["text"] for f in log.of("final")))
+    assert word_error_rate([TRANSCRIPTS["jfk.wav"]], [hyp]) <= 0.25, hyp
+
+
+def test_bad_input_gets_structured_errors_and_session_survives(srv):
+    jfk = read_clip(next(c for c in CLIPS if c.name == "jfk.wav"))
+
+    async def main():
+        async with connect(srv.url) as ws:
+            async def expect_error(code):
+                while True:
+                    m = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    if m["type"] == "error":
+                        assert m["code"] == code, m
+                        assert isinstance(m["message"], str) and m["message"]
+                        return m
+
+            await ws.send("{not json")
+            assert (await expect_error("bad_json"))["fatal"] is False
+            await ws.send(json.dumps({"type": "dance"}))
+            await expect_error("unknown_type")
+            await ws.send(json.dumps({"type": "start", "encoding": "opus-ish"}))
+            await expect_error("bad_config")
+            await ws.send(json.dumps({"type": "start", "sample_rate": "fast"}))
+            await expect_error("bad_config")
+            await ws.send(json.dumps({"type": "start"}))  # a valid start now
+            m = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert m["type"] == "ready"
+            await ws.send(json.dumps({"type": "start"}))
+            await expect_error("already_started")
+            await ws.send(b"\x00\x01\x02")  # odd byte count for s16
+            await expect_error("bad_audio")
+            await ws.send(b"\x00" * (2 << 20))  # 2 MiB > max_message_bytes (1 MiB)
+            await expect_error("message_too_large")
+            await ws.send(json.dumps({"type": "keepalive"}))
+            # After all that, the session still transcribes.
+            pcm = (np.concatenate([jfk, np.zeros(16000, np.float32)]) * 32767).astype("<i2").tobytes()
+            for i in range(0, len(pcm), 6400):
+                await ws.send(pcm[i : i + 6400])
+            await ws.send(json.dumps({"type": "stop"}))
+            msgs = [json.loads(m) async for m in ws]
+            return msgs, ws.close_code
+
+    msgs, code = asyncio.run(main())
+    text = " ".join(m["text"] for m in msgs if m["type"] == "final")
+    assert "country" in normalize_text(text)
+    assert msgs[-1]["type"] == "done" and code == 1000
+
+
+def test_require_config_limits_and_http_routes(strict_srv):
+    async def main():
+        async with connect(strict_srv.url) as ws:
+            await ws.send(b"\x00\x00" * 1600)
+            m = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert m["type"] == "error" and m["code"] == "config_required" and m["fatal"] is False
+            # The server is full (max_sessions=1): a second client is refused before the upgrade.
+            with pytest.raises(InvalidStatus) as err:
+                async with connect(strict_srv.url):
+                    pass
+            assert err.value.response.status_code == 503
+            await ws.send(json.dumps({"type": "start", "language": "en"}))
+            m = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert m["type"] == "ready" and m["config"]["language"] == "en"
+            await ws.send(b"\x00" * 100_000)  # over this server's 64 kB limit
+            m = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert m["code"] == "message_too_large"
+            await ws.send(json.dumps({"type": "stop"}))
+            m = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert m["type"] == "done"
+
+    asyncio.run(main())
+    status, body = strict_srv.http("/healthz")
+    assert status == 200 and json.loads(body)["ready"] is True
+    status, _ = strict_srv.http("/nope")
+    assert status == 404
+    status, text = strict_srv.http("/metrics")
+    assert status == 200 and "chorus_sessions_active" in text and "chorus_final_latency_seconds" in text
+
+
+def test_bad_query_is_fatal(srv):
+    async def main():
+        async with connect(srv.url + "?encoding=flac") as ws:
+            m = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert m["type"] == "error" and m["code"] == "bad_config" and m["fatal"] is True
+            await asyncio.wait_for(ws.wait_closed(), 10)
+            return ws.close_code
+
+    assert asyncio.run(main()) == 1008
