@@ -144,7 +144,7 @@ class ServerConfig:
     host: str = knob("127.0.0.1", "Address to listen on.")
     port: int = knob(8765, "TCP port for WebSocket streams, /healthz and /metrics.")
     max_sessions: int = knob(256, "Concurrent sessions; the next handshake gets HTTP 503.")
-    max_message_bytes: int = knob(1 << 20, "Largest WebSocket message accepted; larger closes with 1009.")
+    max_message_bytes: int = knob(1 << 20, "Largest audio message accepted; a larger one gets a `message_too_large` error and is dropped (beyond 4x this the connection closes with 1009).")
     max_outgoing_messages: int = knob(
         256, "Messages queued to one slow client before it is disconnected (1008) rather than "
         "buffered without bound.",

@@ -86,12 +86,11 @@ class Session:
         self.partial_interval_ms = interval if (stream.interim_results and interval > 0) else 0
         self._finals: collections.deque[_PendingFinal] = collections.deque()
         self._partial_future: asyncio.Future | None = None
-        self._partial_segment: int | None = None
         self._last_partial_request_ms = 0
         self._partial_seq = 0
-        self._last_partial_sent: dict[int, int] = {}
+        self._last_partial_seq = 0
         self._open_segment: int | None = None
-        self._finalised: set[int] = set()
+        self._last_final_id = -1  # finals go out in segment order, so one number suffices
         self._closed = False
         self._stopping = False
 
@@ -166,7 +165,7 @@ class Session:
             if self._closed or p.future.cancelled():
                 continue
             seg = p.segment
-            self._finalised.add(seg.segment_id)
+            self._last_final_id = seg.segment_id
             exc = p.future.exception()
             if exc is not None:
                 # The words are lost for this segment only; say so instead of hanging.
@@ -214,11 +213,11 @@ class Session:
         if t is None:  # superseded by a newer partial
             return
         # A partial must never arrive after its segment's final, nor out of order.
-        if segment_id in self._finalised or self._open_segment != segment_id:
+        if segment_id <= self._last_final_id or self._open_segment != segment_id:
             return
-        if self._last_partial_sent.get(segment_id, 0) >= seq:
+        if self._last_partial_seq >= seq:
             return
-        self._last_partial_sent = {segment_id: seq}
+        self._last_partial_seq = seq
         self.metrics.partial_latency.observe(time.monotonic() - requested)
         self.output.on_partial(segment_id, t.text, start_ms, end_ms, result_fields(t))
 

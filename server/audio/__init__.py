@@ -1,0 +1,1 @@
+"""Audio input: decoding of wire encodings (PCM, G.711), resampling to 16 kHz, WAV files."""

@@ -1,0 +1,1 @@
+"""Pure message codecs, one module per wire dialect; no sockets here."""

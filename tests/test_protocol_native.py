@@ -1,0 +1,196 @@
+"""The native /v1/stream codec: parsing, validation with error codes, and built messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.audio.codecs import ENCODINGS
+from server.protocol import native
+from server.protocol.native import (
+    CONFIG_KEYS, PROTOCOL_VERSION, Finalize, KeepAlive, ProtocolError, Start, Stop, StreamConfig,
+    build_config, parse_query, parse_text,
+)
+
+
+def code_of(fn, *args, **kwargs) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        fn(*args, **kwargs)
+    return info.value
+
+
+# ---------------------------------------------------------------------- parse_text
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('{"type":"finalize"}', Finalize()), ('{"type":"keepalive"}', KeepAlive()), ('{"type":"stop"}', Stop()),
+    ('{"type":"stop","reason":"bye"}', Stop()),  # extra keys on controls are ignored
+])
+def test_controls(text, expected):
+    assert parse_text(text) == expected
+
+
+def test_start_keeps_the_given_fields_only():
+    msg = parse_text('{"type":"start","sample_rate":8000,"encoding":"mulaw","interim_results":false,'
+                     '"endpointing_ms":null}')
+    assert msg == Start({"sample_rate": 8000, "encoding": "mulaw", "interim_results": False, "endpointing_ms": None})
+    assert parse_text('{"type":"start"}') == Start({})
+
+
+@pytest.mark.parametrize("text", ["not json", "{", "", '{"type":"start",}'])
+def test_bad_json(text):
+    e = code_of(parse_text, text)
+    assert e.code == "bad_json" and not e.fatal
+
+
+@pytest.mark.parametrize("text", ["[1,2]", '"start"', "42", "null"])
+def test_json_that_is_not_an_object(text):
+    assert code_of(parse_text, text).code == "bad_json"
+
+
+@pytest.mark.parametrize("text", ['{"type":"begin"}', '{}', '{"type":7}', '{"type":null}', '{"kind":"stop"}'])
+def test_unknown_type(text):
+    e = code_of(parse_text, text)
+    assert e.code == "unknown_type" and not e.fatal and "start, finalize, keepalive or stop" in e.message
+
+
+@pytest.mark.parametrize("field,value", [
+    ("sample_rate", '"16000"'), ("sample_rate", "16000.5"), ("sample_rate", "true"), ("encoding", "1"),
+    ("language", "null"), ("interim_results", '"yes"'), ("interim_results", "1"),
+    ("endpointing_ms", '"500"'), ("max_segment_ms", "[1]"),
+])
+def test_start_with_wrong_json_types(field, value):
+    e = code_of(parse_text, f'{{"type":"start","{field}":{value}}}')
+    assert e.code == "bad_config" and e.fatal and field in e.message
+
+
+def test_start_with_unknown_field():
+    e = code_of(parse_text, '{"type":"start","sampel_rate":16000}')
+    assert e.code == "bad_config" and "sampel_rate" in e.message and "sample_rate" in e.message
+
+
+# ---------------------------------------------------------------------- parse_query + build_config
+
+
+def test_query_strings_round_trip():
+    q = {"sample_rate": "8000", "encoding": "alaw", "language": "EN", "interim_results": "false",
+         "endpointing_ms": "300", "max_segment_ms": "15000", "token": "secret"}
+    fields = parse_query(q)
+    assert "token" not in fields and set(fields) == set(CONFIG_KEYS)
+    assert build_config(fields) == StreamConfig(8000, "alaw", "en", False, 300, 15000)
+
+
+def test_empty_query_means_no_config():
+    assert parse_query({}) == {} and parse_query({"token": "x"}) == {}
+
+
+def test_unknown_query_parameter():
+    e = code_of(parse_query, {"samplerate": "8000"})
+    assert e.code == "bad_config" and e.fatal and "samplerate" in e.message
+
+
+@pytest.mark.parametrize("value,expected", [("true", True), ("1", True), ("false", False), ("0", False),
+                                            ("TRUE", True), (True, True), (False, False)])
+def test_interim_results_spellings(value, expected):
+    assert build_config({"interim_results": value}).interim_results is expected
+
+
+def test_defaults_and_default_language():
+    assert build_config({}) == StreamConfig()
+    assert build_config({}, default_language="de").language == "de"
+    assert build_config({"language": "auto"}, default_language="de").language == "auto"
+    assert build_config({"language": "zh-yue"}).language == "zh-yue"
+
+
+@pytest.mark.parametrize("cfg", [
+    StreamConfig(), StreamConfig(48000, "pcm_f32le", "fr", True, 100, 1000),
+    StreamConfig(192000, "mulaw", "auto", False, 5000, 30000), StreamConfig(8000, "alaw", "en", True, None, None),
+])
+def test_round_trip_of_valid_configs(cfg):
+    # what a client sends in a start message (JSON types) comes back as the same config
+    msg = parse_text(json.dumps({"type": "start", **cfg.to_dict()}))
+    assert build_config(msg.config_fields) == cfg
+    # ... and the same values as URL strings
+    query = {k: ("true" if v is True else "false" if v is False else str(v)) for k, v in cfg.to_dict().items()
+             if v is not None}
+    assert build_config(parse_query(query)) == cfg
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("sample_rate", 7999, "8000 to 192000"), ("sample_rate", 192001, "8000 to 192000"),
+    ("sample_rate", "16k", "8000 to 192000"), ("sample_rate", "", "8000 to 192000"),
+    ("sample_rate", 16000.0, "8000 to 192000"), ("sample_rate", True, "8000 to 192000"),
+    ("encoding", "opus", ", ".join(ENCODINGS)), ("encoding", 1, ", ".join(ENCODINGS)),
+    ("language", "e", "2-8 letter"), ("language", "english-us", "2-8 letter"), ("language", "en_US", "2-8 letter"),
+    ("language", "", "2-8 letter"), ("language", 5, "auto"),
+    ("interim_results", "yes", "true or false"), ("interim_results", 1, "true or false"),
+    ("endpointing_ms", 99, "100 to 5000"), ("endpointing_ms", 5001, "100 to 5000"),
+    ("endpointing_ms", "-1", "100 to 5000"),
+    ("max_segment_ms", 999, "1000 to 30000"), ("max_segment_ms", 30001, "1000 to 30000"),
+])
+def test_bad_config_names_field_and_allowed_values(field, value, allowed):
+    e = code_of(build_config, {field: value})
+    assert e.code == "bad_config" and e.fatal
+    assert field in e.message and allowed in e.message
+
+
+def test_max_segment_limit_is_the_servers():
+    assert build_config({"max_segment_ms": 20000}, max_segment_ms_limit=20000).max_segment_ms == 20000
+    e = code_of(build_config, {"max_segment_ms": 20001}, max_segment_ms_limit=20000)
+    assert "1000 to 20000" in e.message
+
+
+def test_build_config_rejects_unknown_fields():
+    assert code_of(build_config, {"rate": 16000}).code == "bad_config"
+
+
+# ---------------------------------------------------------------------- server messages
+
+
+def test_ready():
+    cfg = StreamConfig(8000, "mulaw", "en", False, 400, 10000)
+    out = native.ready("abc", cfg, {"name": "whisper", "languages": ("en", "de"), "device": object()})
+    msg = json.loads(out)
+    assert out == json.dumps(msg, separators=(",", ":"), ensure_ascii=False)  # compact
+    assert msg["type"] == "ready" and msg["session_id"] == "abc" and msg["protocol_version"] == PROTOCOL_VERSION
+    assert msg["config"] == cfg.to_dict()
+    assert msg["model"]["name"] == "whisper" and msg["model"]["languages"] == ["en", "de"]
+    assert isinstance(msg["model"]["device"], str)
+
+
+def test_speech_started_partial_final():
+    assert json.loads(native.speech_started(3, 1200)) == {"type": "speech_started", "segment_id": 3, "start_ms": 1200}
+    p = json.loads(native.partial(3, "hello wor", 1200, 2200, {"language": "en"}))
+    assert p == {"type": "partial", "segment_id": 3, "text": "hello wor", "start_ms": 1200, "end_ms": 2200,
+                 "language": "en"}
+    f = json.loads(native.final(3, "hello world", 1200, 2500, 3000,
+                                {"language": "en", "emotion": "NEUTRAL", "event": "Speech", "score": 0.5}))
+    assert f == {"type": "final", "segment_id": 3, "text": "hello world", "start_ms": 1200, "end_ms": 2500,
+                 "cut_ms": 3000, "language": "en", "emotion": "NEUTRAL", "event": "Speech", "score": 0.5}
+
+
+def test_extras_never_override_core_keys_and_only_scalars_pass():
+    f = json.loads(native.final(1, "text", 10, 20, 30, {
+        "type": "x", "text": "evil", "segment_id": 9, "cut_ms": 0, "start_ms": 0, "end_ms": 0,
+        "tokens": [1, 2, 3], "probs": {"a": 1}, "nan": float("nan"), "inf": float("inf"), "none": None,
+        "flag": True, 5: "int key",
+    }))
+    assert f == {"type": "final", "segment_id": 1, "text": "text", "start_ms": 10, "end_ms": 20, "cut_ms": 30,
+                 "none": None, "flag": True}
+
+
+def test_unicode_text_is_sent_as_is():
+    out = native.final(0, "你好，世界", 0, 10, 10, {})
+    assert "你好" in out and json.loads(out)["text"] == "你好，世界"
+
+
+def test_error_and_done():
+    assert json.loads(native.error("bad_audio", "odd byte count", False)) == {
+        "type": "error", "code": "bad_audio", "message": "odd byte count", "fatal": False}
+    assert json.loads(native.done()) == {"type": "done"}
+
+
+def test_protocol_error_attributes():
+    e = ProtocolError("bad_json", "nope")
+    assert (e.code, e.message, e.fatal) == ("bad_json", "nope", False) and "bad_json" in str(e)
