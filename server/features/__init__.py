@@ -1,0 +1,1 @@
+"""Batched acoustic feature extraction (fbank, LFR, CMVN, log-mel) on CPU or GPU."""

@@ -1,0 +1,296 @@
+"""SenseVoiceRunner: SenseVoiceSmall through funasr's modules with a batched torch frontend.
+
+Per batch: one padded waveform tensor goes to the device, the frontend (fbank -> LFR ->
+CMVN) runs there for all rows at once, SenseVoiceCore runs (bucketed / CUDA graphs when
+server.graphs provides them), one device->host copy brings back argmax ids and lengths,
+and the CTC collapse and sentencepiece decoding happen on the CPU per row.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from server.config import RunnerConfig
+from server.features.fbank import BatchFrontend, FbankOptions, load_cmvn, pad_waveforms
+from server.runners.base import ItemOptions, ModelRunner, RunnerError, Transcript
+from server.runners.device import resolve_device, resolve_dtype
+from server.runners.sensevoice.core import NUM_QUERY_FRAMES, SenseVoiceCore
+from server.runners.sensevoice.model_dir import ModelFiles, resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+# SenseVoice's query vocabulary (funasr SenseVoiceSmall.lid_dict / textnorm_dict).
+LANGUAGE_IDS = {"auto": 0, "zh": 3, "en": 4, "yue": 7, "ja": 11, "ko": 12, "nospeech": 13}
+TEXTNORM_IDS = {"withitn": 14, "woitn": 15}
+BLANK_ID = 0
+
+_TAG = re.compile(r"<\|([^|]*)\|>")
+_EMOTIONS = {"HAPPY", "SAD", "ANGRY", "NEUTRAL", "FEARFUL", "DISGUSTED", "SURPRISED", "EMO_UNKNOWN"}
+_EVENTS = {"Speech", "BGM", "Applause", "Laughter", "Cry", "Sneeze", "Breath", "Cough", "Event_UNK"}
+_LANG_TAGS = set(LANGUAGE_IDS) - {"auto"}
+
+
+def parse_rich_text(raw: str) -> tuple[str, dict[str, str | None]]:
+    """Split SenseVoice output such as ``<|en|><|NEUTRAL|><|Speech|><|woitn|>hello`` into
+    plain text and its tags (language, emotion, event, itn)."""
+    tags: dict[str, str | None] = {"language": None, "emotion": None, "event": None, "itn": None}
+    for name in _TAG.findall(raw):
+        if name in _LANG_TAGS and tags["language"] is None:
+            tags["language"] = name
+        elif name in _EMOTIONS and tags["emotion"] is None:
+            tags["emotion"] = name
+        elif name in _EVENTS and tags["event"] is None:
+            tags["event"] = name
+        elif name in TEXTNORM_IDS and tags["itn"] is None:
+            tags["itn"] = name
+    text = re.sub(r"\s+", " ", _TAG.sub("", raw)).strip()
+    return text, tags
+
+
+def ctc_collapse(ids: np.ndarray, blank: int = BLANK_ID) -> np.ndarray:
+    """Greedy CTC: merge repeats, then drop blanks."""
+    if ids.size == 0:
+        return ids
+    keep = np.empty(ids.shape, dtype=bool)
+    keep[0] = True
+    np.not_equal(ids[1:], ids[:-1], out=keep[1:])
+    keep &= ids != blank
+    return ids[keep]
+
+
+def _load_state_dict(files: ModelFiles, model: torch.nn.Module) -> None:
+    """Load model.pt strictly: funasr skips missing or mis-shaped tensors with a log line."""
+    try:
+        state = torch.load(files.weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and torch errors all mean "unreadable"
+        raise RunnerError(
+            f"{files.weights} is not a readable torch checkpoint ({type(e).__name__}: {e}); "
+            "it is probably corrupt or a partial download: download it again"
+        ) from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise RunnerError(f"{files.weights} holds a {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise RunnerError(
+            f"{files.weights} lacks {len(missing)} of the model's {len(expected)} tensors "
+            f"(e.g. {missing[:3]}): it does not belong to this config.yaml"
+        )
+    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        k, got, want = wrong[0]
+        raise RunnerError(
+            f"{files.weights}: {len(wrong)} tensors have the wrong shape (e.g. {k}: {got}, config says {want}); "
+            "model.pt, config.yaml and the BPE model must come from the same directory"
+        )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        log.warning("%s: ignoring %d unexpected tensors (e.g. %s)", files.weights, len(unexpected), unexpected[:3])
+    model.load_state_dict({k: state[k] for k in expected}, strict=True)
+
+
+def _build_model(files: ModelFiles, vocab_size: int, input_size: int) -> torch.nn.Module:
+    """SenseVoiceSmall from its config.yaml through funasr's registry (no hub, no AutoModel:
+    AutoModel also resets torch's thread count and would load weights leniently)."""
+    import funasr.models.sense_voice.model  # noqa: F401 - registers SenseVoiceSmall and its encoder
+    from funasr.register import tables
+
+    cfg = files.config
+    model_class = tables.model_classes.get(cfg["model"])
+    if model_class is None:
+        raise RunnerError(f"funasr has no model class {cfg['model']!r}")
+    conf = {k: v for k, v in (cfg.get("model_conf") or {}).items() if k not in ("vocab_size", "input_size")}
+    try:
+        return model_class(
+            encoder=cfg.get("encoder", "SenseVoiceEncoderSmall"),
+            encoder_conf=cfg.get("encoder_conf") or {},
+            ctc_conf=cfg.get("ctc_conf") or {},
+            input_size=input_size,
+            vocab_size=vocab_size,
+            **conf,
+        )
+    except Exception as e:  # noqa: BLE001 - config values funasr cannot build from
+        raise RunnerError(f"{files.root / 'config.yaml'}: funasr cannot build the model: {e}") from None
+
+
+class SenseVoiceRunner(ModelRunner):
+    """SenseVoiceSmall (zh/en/yue/ja/ko + emotion and audio-event tags), CTC, non-autoregressive."""
+
+    name = "sensevoice"
+
+    def __init__(self, config: RunnerConfig) -> None:
+        super().__init__(config)
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype | None = None
+        self.frontend: BatchFrontend | None = None
+        self.model: torch.nn.Module | None = None
+        """funasr's SenseVoiceSmall (its modules are shared with `core`)."""
+        self.core: SenseVoiceCore | None = None
+        self._forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._sp: Any = None
+        self._graph_mode = "eager"
+        self._num_params = 0
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self) -> None:
+        started = time.perf_counter()
+        self.device = resolve_device(self.config)
+        self.dtype = resolve_dtype(self.config, self.device)
+        files = ModelFiles.from_dir(resolve_model_dir(self.config.model))
+
+        import sentencepiece as spm
+
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(files.bpe_model))
+        except Exception as e:  # noqa: BLE001
+            raise RunnerError(f"{files.bpe_model} is not a sentencepiece model: {e}") from None
+
+        opts = FbankOptions.from_frontend_conf(files.config.get("frontend_conf") or {})
+        try:
+            cmvn = load_cmvn(files.cmvn)
+        except (OSError, ValueError) as e:
+            raise RunnerError(f"{files.cmvn}: {e}") from None
+        self.frontend = BatchFrontend(opts, cmvn).to(self.device)
+
+        model = _build_model(files, vocab_size=self._sp.get_piece_size(), input_size=opts.output_size)
+        _load_state_dict(files, model)
+        model.to(self.device, self.dtype).eval()
+        self._num_params = sum(p.numel() for p in model.parameters())
+        self.model = model
+        self.core = SenseVoiceCore(model).eval()
+        self._forward = self._route_through_graphs(self.core, opts.output_size)
+        log.info(
+            "sensevoice: %s (%.1f M params) on %s/%s, %s forward, loaded in %.1f s",
+            files.root, self._num_params / 1e6, self.device, self.config.dtype, self._graph_mode,
+            time.perf_counter() - started,
+        )
+        if self.config.warmup:
+            self._warmup()
+
+    def _route_through_graphs(self, core: SenseVoiceCore, feat_dim: int) -> Callable[..., Any]:
+        """BucketedRunner from server.graphs (eager on CPU, CUDA graphs on GPU when enabled).
+
+        HOOK: while server/graphs.py does not exist, the core is called eagerly.
+        """
+        try:
+            from server.graphs import BucketedRunner, BucketTable, InputSpec
+        except ImportError:
+            log.info("server.graphs not available: SenseVoiceCore runs eagerly")
+            return core
+        g = self.config.graphs
+        assert self.device is not None and self.dtype is not None
+        runner = BucketedRunner(
+            core,
+            inputs=(
+                InputSpec("feats", ("B", "T", feat_dim), self.dtype, 0.0),
+                InputSpec("feat_lens", ("B",), torch.long, 0),
+                InputSpec("lang_ids", ("B",), torch.long, 0),
+                InputSpec("textnorm_ids", ("B",), torch.long, 0),
+            ),
+            table=BucketTable(g.batch_buckets, g.frame_buckets),
+            device=self.device,
+            mode=BucketedRunner.mode_for(self.device, g.enabled),
+            memory_budget_bytes=int(g.memory_budget_gb * (1 << 30)),
+            name="sensevoice",
+        )
+        runner.warmup()
+        self._graph_mode = str(getattr(runner, "mode", "bucketed"))
+        return runner
+
+    def _warmup(self) -> None:
+        started = time.perf_counter()
+        noise = (np.random.default_rng(0).standard_normal(16000) * 0.01).astype(np.float32)
+        self.transcribe([noise], [ItemOptions()])
+        log.info("sensevoice warm-up took %.2f s", time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ inference
+
+    def _query_ids(self, options: Sequence[ItemOptions]) -> tuple[list[int], list[int]]:
+        langs, norms = [], []
+        for opt in options:
+            if opt.language not in LANGUAGE_IDS:
+                raise RunnerError(
+                    f"sensevoice does not know language {opt.language!r}; use one of {sorted(LANGUAGE_IDS)}"
+                )
+            langs.append(LANGUAGE_IDS[opt.language])
+            itn = self.config.sensevoice.use_itn if opt.itn is None else opt.itn
+            norms.append(TEXTNORM_IDS["withitn" if itn else "woitn"])
+        return langs, norms
+
+    @torch.inference_mode()
+    def infer_ids(
+        self, audios: Sequence[np.ndarray], lang_ids: Sequence[int], textnorm_ids: Sequence[int]
+    ) -> list[np.ndarray]:
+        """Collapsed CTC token ids per item (items must be at least one frame long)."""
+        if self.frontend is None or self._forward is None:
+            raise RunnerError("SenseVoiceRunner.load() has not been called")
+        waves, lengths = pad_waveforms(list(audios))
+        # Two host->device copies per batch: the waveforms, and lengths + query ids together.
+        meta = torch.stack([lengths, torch.tensor(list(lang_ids)), torch.tensor(list(textnorm_ids))])
+        if self.device is not None and self.device.type == "cuda":
+            waves, meta = waves.pin_memory(), meta.pin_memory()
+        waves = waves.to(self.device, non_blocking=True)
+        lengths_d, lang, norm = meta.to(self.device, non_blocking=True).unbind(0)
+        feats, feat_lens = self.frontend(waves, lengths_d)
+        ids, out_lens = self._forward(feats.to(self.dtype), feat_lens, lang, norm)
+        # One device->host copy for the whole batch: ids with the lengths as a last column.
+        host = torch.cat([ids[: len(audios)], out_lens[: len(audios), None].to(ids.dtype)], dim=1).cpu().numpy()
+        return [ctc_collapse(row[: int(row[-1])]) for row in host]
+
+    def transcribe(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[Transcript]:
+        if len(audios) != len(options):
+            raise RunnerError(f"{len(audios)} audios but {len(options)} option sets")
+        if self.frontend is None:
+            raise RunnerError("SenseVoiceRunner.load() has not been called")
+        lang_ids, norm_ids = self._query_ids(options)
+        min_samples = self.frontend.opts.frame_length
+        # Shorter than one 25 ms frame: funasr would shrink the window; there is nothing to hear.
+        live = [i for i, a in enumerate(audios) if len(a) >= min_samples]
+        results: list[Transcript] = [
+            Transcript(text="", language=None, fields={"emotion": None, "event": None, "raw_text": "", "tokens": []})
+            for _ in audios
+        ]
+        if not live:
+            return results
+        token_rows = self.infer_ids(
+            [audios[i] for i in live], [lang_ids[i] for i in live], [norm_ids[i] for i in live]
+        )
+        for i, tokens in zip(live, token_rows):
+            token_list = tokens.tolist()
+            raw = self._sp.decode(token_list)
+            text, tags = parse_rich_text(raw)
+            forced = options[i].language if options[i].language not in ("auto", "nospeech") else None
+            detected = tags["language"] if tags["language"] != "nospeech" else None
+            results[i] = Transcript(
+                text=text,
+                language=detected or forced,
+                fields={"emotion": tags["emotion"], "event": tags["event"], "raw_text": raw, "tokens": token_list,
+                        "nospeech": tags["language"] == "nospeech"},
+            )
+        return results
+
+    # ------------------------------------------------------------------ facts
+
+    def describe(self) -> dict[str, Any]:
+        facts = super().describe()
+        facts.update({"params_m": round(self._num_params / 1e6, 1), "forward": self._graph_mode,
+                      "query_frames": NUM_QUERY_FRAMES})
+        return facts
+
+    def close(self) -> None:
+        self.model = None
+        self.core = None
+        self._forward = None
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.empty_cache()
