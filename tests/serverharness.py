@@ -37,7 +37,7 @@ def read_clip(path: Path) -> np.ndarray:
         return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
 
 
-def test_config(**overrides: Any) -> Config:
+def make_config(**overrides: Any) -> Config:
     """Defaults from configs/default.yaml with a free port and the given dotted overrides."""
     sets = {"server.port": "0", **{k: str(v) for k, v in overrides.items()}}
     return load_config(Path(__file__).parent.parent / "configs" / "default.yaml", sets)

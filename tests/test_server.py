@@ -11,12 +11,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from server.wer import normalize_text, word_error_rate
-from tests.serverharness import CLIPS, TRANSCRIPTS, ServerThread, read_clip, stream_audio, test_config
+from tests.serverharness import CLIPS, TRANSCRIPTS, ServerThread, read_clip, stream_audio, make_config
 
 
 @pytest.fixture(scope="module")
 def srv(whisper_runner):
-    cfg = test_config(**{"batcher.partial_interval_ms": 500, "batcher.batch_wait_ms": 10})
+    cfg = make_config(**{"batcher.partial_interval_ms": 500, "batcher.batch_wait_ms": 10})
     with ServerThread(cfg, whisper_runner) as s:
         yield s
 
@@ -24,7 +24,7 @@ def srv(whisper_runner):
 @pytest.fixture(scope="module")
 def strict_srv(whisper_runner):
     """Config required before audio, one session at most, small messages."""
-    cfg = test_config(**{"server.require_config": "true", "server.max_sessions": 1, "server.max_message_bytes": 64000})
+    cfg = make_config(**{"server.require_config": "true", "server.max_sessions": 1, "server.max_message_bytes": 64000})
     with ServerThread(cfg, whisper_runner) as s:
         yield s
 
