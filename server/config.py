@@ -43,6 +43,17 @@ class WhisperConfig:
         -1.0, "See `no_speech_threshold`: the average log-probability below which a likely "
         "no-speech segment is dropped.",
     )
+    no_speech_hard_threshold: float = knob(
+        0.9, "Above this no-speech probability a segment is empty however confident its text: "
+        "Whisper's well-known 'you' / 'thank you' on hum, clicks and DC offsets comes with a "
+        "confident log-probability but a no-speech probability above 0.9 (real speech in the test "
+        "clips stays below 0.05).",
+    )
+    compression_ratio_threshold: float = knob(
+        2.4, "A likely no-speech segment (see `no_speech_threshold`) whose text compresses better "
+        "than this (gzip ratio; a repetition loop) is empty: loud noise makes Whisper loop on "
+        "invented phrases with high confidence.",
+    )
     max_new_tokens: int = knob(
         128, "Longest text, in tokens, decoded for one segment (a 30 s window holds at most "
         "~224 tokens of text; 128 covers fast speech over the segment lengths the server cuts).",

@@ -1,0 +1,210 @@
+"""WhisperRunner: batched greedy Whisper decoding over items of different lengths."""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from server.config import RunnerConfig
+from server.features.logmel import LogMel
+from server.runners.base import ItemOptions, ModelRunner, RunnerError, Transcript
+from server.runners.device import resolve_device, resolve_dtype
+from server.runners.whisper import assets
+from server.runners.whisper.ct2 import read_ct2
+from server.runners.whisper.model import Whisper, build_from_ct2
+from server.runners.whisper.tokenizer import WhisperTokenizer
+
+log = logging.getLogger(__name__)
+
+_MIN_SAMPLES = 1600  # 0.1 s: shorter input cannot hold a word; answer empty without a model call
+# Below this RMS (about -66 dBFS) the input is digital silence; Whisper's mel normalisation
+# would otherwise amplify it into noise, so it is answered empty without a model call.
+_SILENCE_RMS = 5e-4
+
+
+def _compression_ratio(text: str) -> float:
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
+
+
+class WhisperRunner(ModelRunner):
+    name = "whisper"
+    max_item_seconds = 30.0
+
+    def __init__(self, config: RunnerConfig) -> None:
+        super().__init__(config)
+        self.model: Whisper | None = None
+        self.tokenizer: WhisperTokenizer | None = None
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.encoder = None  # callable mel -> enc; a BucketedRunner on GPU with graphs
+
+    # ------------------------------------------------------------------ load
+    def load(self) -> None:
+        t0 = time.monotonic()
+        self.device = resolve_device(self.config)
+        self.dtype = resolve_dtype(self.config, self.device)
+        files = assets.resolve(self.config)
+        spec, tensors = read_ct2(files.model_bin)
+        if spec != "WhisperSpec":
+            raise RunnerError(f"{files.model_bin} holds a {spec}, not a Whisper model")
+        model = build_from_ct2(tensors)
+        self.model = model.to(self.device, self.dtype).eval()
+        self.tokenizer = WhisperTokenizer(files.tokenizer_json, files.config_json)
+        self.logmel = LogMel(model.dims.n_mels).to(self.device)
+        self.encoder = self._make_encoder()
+        self._build_suppression()
+        log.info("whisper loaded from %s on %s/%s in %.1f s", files.model_bin, self.device, self.dtype, time.monotonic() - t0)
+        if self.config.warmup:
+            rng = np.random.default_rng(0)
+            self.transcribe([rng.standard_normal(16000 * 2).astype(np.float32) * 0.1], [ItemOptions(language="en")])
+
+    def _make_encoder(self):
+        assert self.model is not None
+        if self.device.type == "cuda" and self.config.graphs.enabled:
+            from server.graphs import BucketedRunner, BucketTable, GraphMode, InputSpec
+
+            n = self.model.dims.n_mels
+            table = BucketTable(self.config.graphs.batch_buckets, (3000,))
+            runner = BucketedRunner(
+                self.model.encode,
+                [InputSpec("mel", ("B", n, "T"), self.dtype, 0.0)],
+                table,
+                self.device,
+                GraphMode.CUDA_GRAPHS,
+                memory_budget_bytes=int(self.config.graphs.memory_budget_gb * (1 << 30)),
+                name="whisper-encoder",
+            )
+            runner.warmup()
+            return lambda mel: runner(mel)[0]
+        return self.model.encode
+
+    def _build_suppression(self) -> None:
+        tk, dims = self.tokenizer, self.model.dims
+        assert tk is not None
+        mask = torch.zeros(dims.n_vocab, dtype=torch.bool)
+        # Transcription without timestamps: every special token after eot (sot, languages,
+        # tasks, no-speech, timestamps) is forbidden as output, plus OpenAI's non-speech symbols.
+        mask[tk.eot + 1 :] = True
+        mask[[i for i in tk.suppress if i < dims.n_vocab]] = True
+        begin = mask.clone()
+        if self.config.whisper.suppress_blank:
+            begin[[i for i in tk.suppress_begin if i is not None and i < dims.n_vocab]] = True
+        self._suppress = mask.to(self.device)
+        self._suppress_begin = begin.to(self.device)
+        lang_ids = sorted(tk.languages.values())
+        self._lang_ids = torch.tensor(lang_ids, device=self.device)
+
+    # ------------------------------------------------------------------ inference
+    def language_codes(self) -> list[str]:
+        assert self.tokenizer is not None
+        return sorted(self.tokenizer.languages)
+
+    def transcribe(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[Transcript]:
+        if self.model is None or self.tokenizer is None:
+            raise RunnerError("whisper runner used before load()")
+        if len(audios) != len(options):
+            raise ValueError("one ItemOptions per audio item")
+        tk = self.tokenizer
+        for o in options:
+            if o.language != "auto" and o.language not in tk.languages:
+                raise RunnerError(f"unknown language {o.language!r}; use auto or one of {', '.join(self.language_codes())}")
+        results: list[Transcript | None] = [None] * len(audios)
+        work = []
+        for i, a in enumerate(audios):
+            if len(a) > self.max_item_seconds * 16000 + 160:
+                raise RunnerError(f"item {i} is {len(a) / 16000:.1f} s; whisper takes at most {self.max_item_seconds:g} s per item")
+            if len(a) < _MIN_SAMPLES or float(np.sqrt(np.mean(np.square(a, dtype=np.float64)))) < _SILENCE_RMS:
+                lang = options[i].language if options[i].language != "auto" else None
+                results[i] = Transcript("", lang, {"no_speech_prob": 1.0, "avg_logprob": 0.0, "tokens": []})
+            else:
+                work.append(i)
+        if work:
+            with torch.inference_mode():
+                for i, t in zip(work, self._decode([audios[i] for i in work], [options[i] for i in work])):
+                    results[i] = t
+        return [r for r in results if r is not None]
+
+    def _decode(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[Transcript]:
+        assert self.model is not None and self.tokenizer is not None and self.encoder is not None
+        tk, model, cfg = self.tokenizer, self.model, self.config.whisper
+        dev = self.device
+        b = len(audios)
+        audio = self.logmel.pad_batch(audios).to(dev, non_blocking=True)
+        mel = self.logmel(audio).to(self.dtype)
+        enc = self.encoder(mel)
+        cross = model.cross_kv(enc)
+        max_len = min(4 + cfg.max_new_tokens + 1, model.dims.n_text_ctx)
+        cache = model.new_cache(b, max_len, self.dtype, dev)
+
+        # Step 0: <|startoftranscript|>. Its logits give the no-speech probability and the language.
+        sot = torch.full((b, 1), tk.sot, dtype=torch.long, device=dev)
+        logits0 = model.decode(sot, 0, cache, cross)[:, 0]
+        no_speech = logits0.softmax(-1)[:, tk.no_speech]
+        detected = self._lang_ids[logits0[:, self._lang_ids].argmax(-1)]
+        forced = torch.tensor(
+            [tk.languages[o.language] if o.language != "auto" else -1 for o in options], device=dev
+        )
+        lang = torch.where(forced >= 0, forced, detected)
+
+        prompt = torch.stack(
+            [lang, torch.full_like(lang, tk.transcribe), torch.full_like(lang, tk.no_timestamps)], dim=1
+        )
+        logits = model.decode(prompt, 1, cache, cross)[:, -1]
+        offset = 4
+        tokens = torch.zeros((b, 0), dtype=torch.long, device=dev)
+        finished = torch.zeros(b, dtype=torch.bool, device=dev)
+        sum_logprob = torch.zeros(b, dtype=torch.float32, device=dev)
+        n_tokens = torch.zeros(b, dtype=torch.long, device=dev)
+        for step in range(max_len - offset):
+            mask = self._suppress_begin if step == 0 else self._suppress
+            logits = logits.masked_fill(mask, float("-inf"))
+            logprobs = logits.log_softmax(-1)
+            nxt = logits.argmax(-1)
+            nxt = torch.where(finished, torch.full_like(nxt, tk.eot), nxt)
+            lp = logprobs.gather(1, nxt[:, None])[:, 0]
+            sum_logprob += torch.where(finished, torch.zeros_like(lp), lp)
+            now_done = nxt == tk.eot
+            n_tokens += (~finished & ~now_done).long()
+            finished |= now_done
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            if bool(finished.all()) or offset + 1 > max_len - 1:
+                break
+            logits = model.decode(nxt[:, None], offset, cache, cross)[:, -1]
+            offset += 1
+
+        out = []
+        toks = tokens.cpu().tolist()
+        ns = no_speech.float().cpu().tolist()
+        lps = sum_logprob.cpu().tolist()
+        counts = n_tokens.cpu().tolist()
+        langs = lang.cpu().tolist()
+        for row, nsp, lp_sum, n, lang_id in zip(toks, ns, lps, counts, langs):
+            ids = row[: row.index(tk.eot)] if tk.eot in row else row
+            avg = lp_sum / (n + 1)
+            text = tk.decode(ids)
+            ratio = _compression_ratio(text)
+            likely_silent = nsp > cfg.no_speech_threshold
+            if (
+                (likely_silent and avg < cfg.logprob_threshold)  # Whisper's own no-speech rule
+                or (likely_silent and ratio > cfg.compression_ratio_threshold)  # a loop invented on noise
+                or nsp > cfg.no_speech_hard_threshold  # confident 'you' on hum or clicks
+            ):
+                text = ""
+            out.append(Transcript(text, tk.language_of.get(lang_id), {"no_speech_prob": round(nsp, 4), "avg_logprob": round(avg, 4), "compression_ratio": round(ratio, 2), "tokens": ids}))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info["device"] = str(self.device)
+        if self.model is not None:
+            info["params_m"] = round(sum(p.numel() for p in self.model.parameters()) / 1e6, 1)
+        return info
+
+    def close(self) -> None:
+        self.model = None

