@@ -53,11 +53,11 @@ def check_stream_invariants(log, audio_ms: int) -> None:
 
 
 def test_concurrent_clips_faster_than_real_time(srv):
-    """All six clips at once, 4x real time: accurate finals, ordered, partials first, batched."""
+    """All six clips at once, 2x real time: accurate finals, ordered, partials first, batched."""
     batches_before = srv.app.batcher.batches_run
 
     async def main():
-        return await asyncio.gather(*[stream_audio(srv.url, read_clip(c), speed=4.0) for c in CLIPS])
+        return await asyncio.gather(*[stream_audio(srv.url, read_clip(c), speed=2.0) for c in CLIPS])
 
     logs = asyncio.run(main())
     refs, hyps = [], []

@@ -149,8 +149,9 @@ class NativeConnection:
         try:
             msg = native.parse_text(text)
         except ProtocolError as e:
-            self.on_error(e.code, e.message, e.fatal)
-            return (_CLOSE_POLICY, e.code) if e.fatal else None
+            # A bad text message is dropped; the stream itself is still fine.
+            self.on_error(e.code, e.message, False)
+            return None
         if isinstance(msg, Start):
             if self.session is not None:
                 self.on_error("already_started", "the session is already configured; start ignored", False)
@@ -158,8 +159,8 @@ class NativeConnection:
             try:
                 self._start(msg.config_fields)
             except ProtocolError as e:
-                self.on_error(e.code, e.message, e.fatal)
-                return (_CLOSE_POLICY, e.code) if e.fatal else None
+                # Nothing has started yet: the client may send a corrected start.
+                self.on_error(e.code, f"{e.message}; start ignored", False)
         elif isinstance(msg, Finalize):
             if self.session is not None:
                 self.session.finalize()
