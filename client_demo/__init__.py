@@ -1,0 +1,1 @@
+"""Demo clients: a streaming CLI client and a load generator (no torch needed)."""

@@ -1,0 +1,60 @@
+"""Load generator: its statistics as pure functions, and one short real run against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+
+from client_demo.loadgen import assign_finals, holds_target, largest_within, mean_batch_size, run_load, svg_plot
+from client_demo.pacing import SendClock, percentile
+from tests.serverharness import CLIPS, ServerThread, make_config
+
+
+def test_percentile_nearest_rank():
+    assert percentile([], 50) is None
+    assert percentile([5.0], 95) == 5.0
+    vals = list(range(1, 101))
+    assert percentile(vals, 50) == 50 and percentile(vals, 95) == 95 and percentile(vals, 100) == 100
+
+
+def test_send_clock_maps_audio_time_to_send_time():
+    c = SendClock(16000)
+    for k in range(10):
+        c.sent(1600, 100.0 + k * 0.1)  # 100 ms chunks
+    assert c.sent_at(50) == 100.0  # inside the first chunk
+    assert c.sent_at(250) == 100.2
+    assert abs(c.latency_ms(950, 101.5) - 600.0) < 1e-6
+
+
+def test_finals_are_assigned_to_the_clip_they_overlap():
+    spans = [(1200, 4000, "a.wav"), (5200, 9000, "b.wav")]
+    finals = [{"start_ms": 1000, "end_ms": 2500, "text": "one"}, {"start_ms": 2500, "end_ms": 3900, "text": "two"},
+              {"start_ms": 5100, "end_ms": 9100, "text": "three"}]
+    assert assign_finals(finals, spans) == ["one two", "three"]
+
+
+def test_target_and_largest_n():
+    def row(n, p95, errors=0, lost=0):
+        return {"sessions": n, "final_latency_ms": {"p95": p95}, "errors": errors, "lost_finals": lost}
+
+    rows = [row(1, 300), row(2, 800), row(4, 1400, errors=1), row(8, 2000)]
+    assert holds_target(rows[1], 1000) and not holds_target(rows[2], 2000) and not holds_target(row(1, None), 1000)
+    assert largest_within(rows, 1000) == 2
+    assert largest_within(rows, 100) == 0
+
+
+def test_mean_batch_size_and_svg():
+    text = "chorus_batch_size_sum 12.0\nchorus_batch_size_count 4.0\n"
+    assert mean_batch_size(text) == 3.0 and mean_batch_size("") is None
+    rows = [{"sessions": n, "final_latency_ms": {"p95": 100.0 * n}} for n in (1, 2, 4)]
+    svg = svg_plot({"on": rows, "off": rows[:2]}, 300)
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and "target 300 ms" in svg
+
+
+def test_short_real_load_run(whisper_runner):
+    cfg = make_config(**{"batcher.partial_interval_ms": 1000})
+    with ServerThread(cfg, whisper_runner) as srv:
+        summary = asyncio.run(run_load(srv.url, sessions=2, duration=6.0, clips=[str(c) for c in CLIPS], latency_target_ms=5000))
+    assert summary["sessions"] == 2 and summary["errors"] == 0 and summary["lost_finals"] == 0
+    assert summary["finals"] >= 2
+    assert summary["final_latency_ms"]["p50"] is not None and summary["final_latency_ms"]["p50"] > 0
+    assert summary["wer"] is not None and summary["wer"] <= 0.1
