@@ -11,7 +11,8 @@ Policy, in order:
   future resolves to ``None`` (superseded);
 - items of one length bucket per batch, so short items are not padded to long ones;
 - at most ``max_batch_size`` items and ``max_batch_audio_s`` padded audio seconds;
-- a failing batch fails every request in it, and the worker lives on;
+- an out-of-memory batch is split in halves and retried; any other failing batch
+  fails every request in it, and the worker lives on;
 - a session that goes away cancels its requests; they are never run.
 
 Nothing here touches sockets or sessions, and nothing blocks the event loop beyond
@@ -233,14 +234,28 @@ class MicroBatcher:
             if batch:
                 self._run(batch)
 
+    def _call(self, batch: Sequence[Request]) -> list[Transcript]:
+        """One model call; an out-of-memory batch is split in halves and retried, never dropped."""
+        try:
+            results = self.runner.transcribe([r.audio for r in batch], [r.options for r in batch])
+        except Exception as exc:
+            # Matched by name so this module stays free of torch (torch.OutOfMemoryError).
+            if type(exc).__name__ != "OutOfMemoryError" or len(batch) == 1:
+                raise
+            mid = len(batch) // 2
+            log.warning("out of memory on a batch of %d; splitting and retrying", len(batch))
+            self.metrics.batch_splits.inc()
+            return self._call(batch[:mid]) + self._call(batch[mid:])
+        if len(results) != len(batch):
+            raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} items")
+        return results
+
     def _run(self, batch: Sequence[Request]) -> None:
         start = time.monotonic()
         for r in batch:
             self.metrics.queue_wait.labels(r.kind.name.lower()).observe(start - r.enqueued)
         try:
-            results = self.runner.transcribe([r.audio for r in batch], [r.options for r in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} items")
+            results = self._call(batch)
         except Exception as exc:  # noqa: BLE001 - a failed batch must fail its requests, not the worker
             log.exception("model call failed for a batch of %d", len(batch))
             for r in batch:

@@ -186,3 +186,29 @@ def test_submit_after_stop_is_refused():
             await b.submit(audio(1.0), ItemOptions(), Kind.FINAL, "s")
 
     run(main())
+
+
+def test_out_of_memory_batch_is_split_not_dropped():
+    import torch
+
+    class OomRunner(RecordingRunner):
+        def transcribe(self, audios, options):
+            if len(audios) > 2:
+                self.batches.append(["oom", len(audios)])
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return super().transcribe(audios, options)
+
+    async def main():
+        r = OomRunner()
+        r.gate.clear()
+        b = make(r, max_batch_size=8, batch_wait_ms=1.0)
+        b.start(asyncio.get_running_loop())
+        futs = [b.submit(np.zeros(16000 + i, np.float32), ItemOptions(), Kind.FINAL, f"s{i}") for i in range(5)]
+        r.gate.set()
+        res = await asyncio.gather(*futs)
+        b.stop()
+        return r, res
+
+    r, res = run(main())
+    assert [t.text for t in res] == [str(16000 + i) for i in range(5)]  # all answered, in order
+    assert ["oom", 5] in r.batches and all(len(bt) <= 2 for bt in r.batches if bt[0] != "oom")
