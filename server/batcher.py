@@ -7,8 +7,8 @@ runner, and resolves each future on the loop with ``call_soon_threadsafe``.
 
 Policy, in order:
 - finals before partials: a batch is all finals while any final waits;
-- at most one pending partial per session: a newer one replaces the older, whose
-  future resolves to ``None`` (superseded);
+- at most one pending partial per session: a newer one (or the session's final)
+  replaces the older, whose future resolves to ``None`` (superseded);
 - items of one length bucket per batch, so short items are not padded to long ones;
 - at most ``max_batch_size`` items and ``max_batch_audio_s`` padded audio seconds;
 - an out-of-memory batch is split in halves and retried; any other failing batch
@@ -135,8 +135,10 @@ class MicroBatcher:
                 replaced = self._partials.pop(session, None)
                 self._partials[session] = req
             else:
-                # Finals always queue: dropping one would lose a user's words.
+                # Finals always queue: dropping one would lose a user's words. A partial still
+                # waiting for this session is for the segment that just ended: drop it unrun.
                 self._finals.append(req)
+                replaced = self._partials.pop(session, None)
             self.metrics.queue_depth.set(len(self._finals) + len(self._partials))
             self._cond.notify()
         self.metrics.requests.labels(kind.name.lower()).inc()

@@ -212,3 +212,23 @@ def test_out_of_memory_batch_is_split_not_dropped():
     r, res = run(main())
     assert [t.text for t in res] == [str(16000 + i) for i in range(5)]  # all answered, in order
     assert ["oom", 5] in r.batches and all(len(bt) <= 2 for bt in r.batches if bt[0] != "oom")
+
+
+def test_final_supersedes_the_sessions_waiting_partial():
+    async def main():
+        r = RecordingRunner()
+        r.gate.clear()
+        b = make(r, batch_wait_ms=1.0)
+        b.start(asyncio.get_running_loop())
+        blocker = b.submit(audio(0.5), ItemOptions(), Kind.FINAL, "z")
+        await asyncio.sleep(0.05)
+        partial = b.submit(audio(1.0), ItemOptions(), Kind.PARTIAL, "s1")
+        final = b.submit(audio(1.5), ItemOptions(), Kind.FINAL, "s1")
+        r.gate.set()
+        out = await asyncio.gather(blocker, partial, final)
+        b.stop()
+        return r, out
+
+    r, (_, partial, final) = run(main())
+    assert partial is None and final.text == "24000"
+    assert [16000] not in r.batches  # the stale partial never ran
