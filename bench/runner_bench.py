@@ -47,7 +47,7 @@ def speech(seconds: float, n: int) -> list[np.ndarray]:
     return [np.resize(np.roll(joined, -i * 12345), size).astype(np.float32) for i in range(n)]
 
 
-def machine(device: str) -> str:
+def machine(device: str, threads: int) -> str:
     import torch
 
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -57,7 +57,7 @@ def machine(device: str) -> str:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
 
 
 def timed(fn, sync, repeats: int) -> float:
@@ -87,6 +87,7 @@ def main() -> int:
     args = p.parse_args()
     import torch
 
+    threads = torch.get_num_threads()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     tmp = None
     model = args.model or "embedded"
@@ -119,7 +120,8 @@ def main() -> int:
     if args.funasr_baseline and args.runner == "sensevoice":
         from funasr import AutoModel
 
-        am = AutoModel(model=model, device=args.device, disable_update=True)
+        # funasr's AutoModel sets torch's thread count itself (ncpu, default 4): give it ours.
+        am = AutoModel(model=model, device=args.device, disable_update=True, ncpu=threads)
         for b in batches:
             items = speech(args.seconds, b)
             med = timed(lambda: [am.generate(input=x, language="en", use_itn=False) for x in items], sync, args.repeats)
@@ -128,7 +130,7 @@ def main() -> int:
             rows.append(("funasr generate, own batching (batch_size_s)", b, med, b * args.seconds / med))
             print(f"funasr batch {b} done", flush=True)
     lines = [f"### runner_bench {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC — {args.runner} on {args.device}", "",
-             f"- machine: {machine(args.device)}", f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
+             f"- machine: {machine(args.device, threads)}", f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
              f"- items of {args.seconds:g} s of real speech; median of {args.repeats} calls after a warm-up call"]
     if random_note:
         lines.append(f"- {random_note}")
