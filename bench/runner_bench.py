@@ -60,16 +60,18 @@ def machine(device: str, threads: int) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
 
 
-def timed(fn, sync, repeats: int) -> float:
+def timed(fn, sync, repeats: int) -> tuple[float, float]:
+    """(median wall seconds, median process CPU seconds) per call, after one warm-up call."""
     fn()  # warm this shape
     sync()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         sync()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return float(np.median(walls)), float(np.median(cpus))
 
 
 def main() -> int:
@@ -112,8 +114,8 @@ def main() -> int:
         runner.load()
         for b in batches:
             items = speech(args.seconds, b)
-            med = timed(lambda: runner.transcribe(items, [ItemOptions("en")] * b), sync, args.repeats)
-            rows.append((f"chorus {variant}", b, med, b * args.seconds / med))
+            med, cpu = timed(lambda: runner.transcribe(items, [ItemOptions("en")] * b), sync, args.repeats)
+            rows.append((f"chorus {variant}", b, med, cpu, b * args.seconds))
             print(f"{variant} batch {b}: {med * 1000:.1f} ms, RTFx {b * args.seconds / med:.1f}", flush=True)
         runner.close()
         del runner
@@ -124,18 +126,18 @@ def main() -> int:
         am = AutoModel(model=model, device=args.device, disable_update=True, ncpu=threads)
         for b in batches:
             items = speech(args.seconds, b)
-            med = timed(lambda: [am.generate(input=x, language="en", use_itn=False) for x in items], sync, args.repeats)
-            rows.append(("funasr generate, one request at a time", b, med, b * args.seconds / med))
-            med = timed(lambda: am.generate(input=items, language="en", use_itn=False, batch_size_s=b * args.seconds + 1), sync, args.repeats)
-            rows.append(("funasr generate, own batching (batch_size_s)", b, med, b * args.seconds / med))
+            med, cpu = timed(lambda: [am.generate(input=x, language="en", use_itn=False) for x in items], sync, args.repeats)
+            rows.append(("funasr generate, one request at a time", b, med, cpu, b * args.seconds))
+            med, cpu = timed(lambda: am.generate(input=items, language="en", use_itn=False, batch_size_s=b * args.seconds + 1), sync, args.repeats)
+            rows.append(("funasr generate, own batching (batch_size_s)", b, med, cpu, b * args.seconds))
             print(f"funasr batch {b} done", flush=True)
     lines = [f"### runner_bench {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC — {args.runner} on {args.device}", "",
              f"- machine: {machine(args.device, threads)}", f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
              f"- items of {args.seconds:g} s of real speech; median of {args.repeats} calls after a warm-up call"]
     if random_note:
         lines.append(f"- {random_note}")
-    lines += ["", "| variant | batch | ms per batch | RTFx (audio s / wall s) |", "| --- | --- | --- | --- |"]
-    lines += [f"| {v} | {b} | {ms * 1000:.1f} | {rtfx:.1f} |" for v, b, ms, rtfx in rows]
+    lines += ["", "| variant | batch | ms per batch | RTFx (audio s / wall s) | process CPU ms per audio s |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {v} | {b} | {wall * 1000:.1f} | {audio / wall:.1f} | {cpu / audio * 1000:.0f} |" for v, b, wall, cpu, audio in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
