@@ -118,7 +118,6 @@ def main() -> int:
             rows.append((f"chorus {variant}", b, med, cpu, b * args.seconds))
             print(f"{variant} batch {b}: {med * 1000:.1f} ms, RTFx {b * args.seconds / med:.1f}", flush=True)
         runner.close()
-        del runner
     if args.funasr_baseline and args.runner == "sensevoice":
         from funasr import AutoModel
 

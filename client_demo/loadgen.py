@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client_demo.pacing import SendClock, percentile  # noqa: E402
+from client_demo.pacing import SendClock, percentile, send_paced  # noqa: E402
 from server.audio.wavfile import load_audio_16k  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,6 @@ async def one_session(url: str, audio: np.ndarray, spans, transcripts: dict, spe
     await asyncio.sleep(delay)
     clock = SendClock(16000)
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
-    step = 16000 * CHUNK_MS // 1000
     finals: list[dict] = []
     started: set[int] = set()
     last_partial: dict[int, float] = {}
@@ -127,14 +126,7 @@ async def one_session(url: str, audio: np.ndarray, spans, transcripts: dict, spe
                         done = True
 
             rd = asyncio.create_task(reader())
-            t0 = time.monotonic()
-            for k, i in enumerate(range(0, len(pcm), step)):
-                wait = t0 + k * CHUNK_MS / 1000 / speed - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                chunk = pcm[i : i + step]
-                await ws.send(chunk.tobytes())
-                clock.sent(len(chunk), time.monotonic())
+            await send_paced(ws, pcm, 16000, CHUNK_MS, speed, clock=clock)
             await ws.send(json.dumps({"type": "stop"}))
             await asyncio.wait_for(rd, timeout=120 + len(audio) / 16000)
     except Exception as e:  # noqa: BLE001 - count it and carry on with the other sessions

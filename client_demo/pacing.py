@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import math
+import time
+from typing import Any, Callable
 
 
 class SendClock:
@@ -40,3 +43,29 @@ def percentile(values: list[float], q: float) -> float | None:
     s = sorted(values)
     k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
     return s[k]
+
+
+async def send_paced(
+    ws: Any,
+    samples: Any,
+    rate: int,
+    chunk_ms: int,
+    speed: float = 1.0,
+    encode: Callable[[Any], bytes] = lambda chunk: chunk.tobytes(),
+    clock: SendClock | None = None,
+) -> None:
+    """Send `samples` in chunk_ms pieces at `speed` x real time.
+
+    Deadlines are absolute (start + k * chunk / speed), so a slow send never accumulates
+    drift; `clock`, if given, records when each chunk left.
+    """
+    step = rate * chunk_ms // 1000
+    t0 = time.monotonic()
+    for k, i in enumerate(range(0, len(samples), step)):
+        delay = t0 + k * chunk_ms / 1000 / speed - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        chunk = samples[i : i + step]
+        await ws.send(encode(chunk))
+        if clock is not None:
+            clock.sent(len(chunk), time.monotonic())

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client_demo.pacing import SendClock  # noqa: E402
+from client_demo.pacing import SendClock, send_paced  # noqa: E402
 from server.audio.wavfile import read_wav  # noqa: E402
 
 
@@ -29,7 +29,6 @@ async def run(args: argparse.Namespace) -> int:
 
     audio, rate = read_wav(args.file)
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
-    step = int(rate * args.chunk_ms / 1000)
     tty = sys.stdout.isatty()
     start = {"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", "language": args.language,
              "interim_results": not args.no_interim}
@@ -62,15 +61,7 @@ async def run(args: argparse.Namespace) -> int:
                         print(f"ready: session {m['session_id']} config {m['config']}", file=sys.stderr)
 
             rd = asyncio.create_task(reader())
-            t0 = time.monotonic()
-            for k, i in enumerate(range(0, len(pcm), step)):
-                # Absolute deadlines: no drift however long each send takes.
-                delay = t0 + k * args.chunk_ms / 1000 / args.speed - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                chunk = pcm[i : i + step]
-                await ws.send(chunk.tobytes())
-                clock.sent(len(chunk), time.monotonic())
+            await send_paced(ws, pcm, rate, args.chunk_ms, args.speed, clock=clock)
             await ws.send(json.dumps({"type": "stop"}))
             await asyncio.wait_for(rd, timeout=120)
     except OSError as e:

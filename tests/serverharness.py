@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
 import wave
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 from websockets.asyncio.client import connect
 
+from client_demo.pacing import send_paced
 from server.app import ChorusServer
 from server.config import Config, load_config
 from server.runners.base import ModelRunner
@@ -118,7 +118,6 @@ async def stream_audio(
     log = StreamLog()
     sil = lambda s: np.zeros(int(s * rate), dtype=np.float32)  # noqa: E731
     x = np.concatenate([sil(lead_silence_s), audio, sil(tail_silence_s)])
-    step = int(rate * chunk_ms / 1000)
     async with connect(url, max_size=None) as ws:
         if start is not None:
             await ws.send(json.dumps({"type": "start", **start}))
@@ -128,12 +127,7 @@ async def stream_audio(
                 log.messages.append(json.loads(msg))
 
         rd = asyncio.create_task(reader())
-        t0 = time.monotonic()
-        for k, i in enumerate(range(0, len(x), step)):
-            delay = t0 + k * chunk_ms / 1000 / speed - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await ws.send(encode(x[i : i + step]))
+        await send_paced(ws, x, rate, chunk_ms, speed, encode=encode)
         if stop:
             await ws.send(json.dumps({"type": "stop"}))
         await asyncio.wait_for(rd, timeout)

@@ -6,7 +6,6 @@ They run wherever torch sees a CUDA device and skip with a stated reason elsewhe
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,0 +1,63 @@
+"""The `chorus` command line, run as a user would run it (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+
+from server.wer import word_error_rate
+from tests.serverharness import CLIPS, TRANSCRIPTS, read_clip
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def chorus(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def write_wav(path: Path, audio: np.ndarray, rate: int) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def test_transcribe_short_clip_and_long_file_at_another_rate(tmp_path):
+    from server.audio.resample import resample
+
+    # A 44.1 kHz file longer than Whisper's 30 s window: the CLI resamples it and cuts it at pauses.
+    names = [c.name for c in CLIPS if c.name != "jfk.wav"] + ["jfk.wav"]
+    gap = np.zeros(16000, np.float32)
+    long16 = np.concatenate([part for n in names for part in (read_clip(CLIPS[[c.name for c in CLIPS].index(n)]), gap)])
+    assert len(long16) / 16000 > 30
+    long_path = tmp_path / "long.wav"
+    write_wav(long_path, resample(long16, 16000, 44100), 44100)
+
+    r = chorus("transcribe", "--json", "tests/data/jfk.wav", str(long_path))
+    assert r.returncode == 0, r.stderr
+    jfk, long = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert word_error_rate([TRANSCRIPTS["jfk.wav"]], [jfk["text"]]) <= 0.05, jfk["text"]
+    assert len(long["segments"]) >= 2
+    ref = " ".join(TRANSCRIPTS[n] for n in names)
+    assert word_error_rate([ref], [long["text"]]) <= 0.05, long["text"]
+
+
+def test_transcribe_errors_are_clear(tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not audio")
+    r = chorus("transcribe", str(bad), "tests/data/jfk.wav")
+    assert r.returncode == 1
+    assert "notes.txt" in r.stderr and "country" in r.stdout  # one bad file does not stop the others
+    r = chorus("transcribe", "--set", "runner.name=wav2vec", "tests/data/jfk.wav")
+    assert r.returncode == 2 and "runner.name" in r.stderr
+
+
+def test_config_doc_lists_every_knob():
+    r = chorus("config", "--doc")
+    assert r.returncode == 0 and "batcher.partial_interval_ms" in r.stdout and "vad.endpoint_ms" in r.stdout
