@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -142,18 +141,3 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
         WhisperRunner(RunnerConfig(model=str(tmp_path / "nowhere"))).load()
     with pytest.raises(RunnerError, match="model.bin is missing"):
         WhisperRunner(RunnerConfig(model=str(tmp_path))).load()
-
-
-@pytest.mark.skipif(os.environ.get("CHORUS_SKIP_TIMING") == "1", reason="timing print disabled")
-def test_report_cpu_time_per_audio_second(whisper_runner, clips):
-    """Prints (does not assert) CPU ms per audio second at batch 1 and 8, for the record."""
-    items = (clips + clips)[:8]
-    audio_s = sum(len(c) for c in items) / 16000
-    t0 = time.process_time()
-    for c in items:
-        whisper_runner.transcribe([c], [ItemOptions()])
-    b1 = time.process_time() - t0
-    t0 = time.process_time()
-    whisper_runner.transcribe(items, [ItemOptions()] * 8)
-    b8 = time.process_time() - t0
-    print(f"whisper CPU time per audio second: batch 1 {b1 / audio_s * 1000:.0f} ms, batch 8 {b8 / audio_s * 1000:.0f} ms")
