@@ -141,3 +141,18 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
         WhisperRunner(RunnerConfig(model=str(tmp_path / "nowhere"))).load()
     with pytest.raises(RunnerError, match="model.bin is missing"):
         WhisperRunner(RunnerConfig(model=str(tmp_path))).load()
+
+
+def test_static_decoder_steps_equal_eager(whisper_runner, clips):
+    """The static-buffer step path (what CUDA graphs replay on GPU) run eagerly on CPU gives
+    the same tokens as the plain decoder, for batches smaller than their bucket too."""
+    eager = whisper_runner.transcribe(clips[:3], [ItemOptions()] * 3)
+    whisper_runner.steps = whisper_runner._make_steps(static=True)
+    try:
+        assert whisper_runner.steps is not None and whisper_runner.steps.replays == 0
+        static = whisper_runner.transcribe(clips[:3], [ItemOptions()] * 3)  # 3 rows in the bucket of 4
+        single = whisper_runner.transcribe(clips[:1], [ItemOptions()])
+    finally:
+        whisper_runner.steps = None
+    assert [r.fields["tokens"] for r in static] == [r.fields["tokens"] for r in eager]
+    assert single[0].fields["tokens"] == eager[0].fields["tokens"]

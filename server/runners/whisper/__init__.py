@@ -17,6 +17,7 @@ from server.runners.device import resolve_device, resolve_dtype
 from server.runners.whisper import assets
 from server.runners.whisper.ct2 import read_ct2
 from server.runners.whisper.model import Whisper, build_from_ct2
+from server.runners.whisper.steps import StaticDecoderSteps
 from server.runners.whisper.tokenizer import WhisperTokenizer
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class WhisperRunner(ModelRunner):
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.encoder = None  # callable mel -> enc; a BucketedRunner on GPU with graphs
+        self.steps: StaticDecoderSteps | None = None  # decoder step graphs on GPU with graphs
 
     # ------------------------------------------------------------------ load
     def load(self) -> None:
@@ -58,6 +60,7 @@ class WhisperRunner(ModelRunner):
         self.tokenizer = WhisperTokenizer(files.tokenizer_json, files.config_json)
         self.logmel = LogMel(model.dims.n_mels).to(self.device)
         self.encoder = self._make_encoder()
+        self.steps = self._make_steps(static=self.device.type == "cuda" and self.config.graphs.enabled)
         self._build_suppression()
         log.info("whisper loaded from %s on %s/%s in %.1f s", files.model_bin, self.device, self.dtype, time.monotonic() - t0)
         if self.config.warmup:
@@ -83,6 +86,27 @@ class WhisperRunner(ModelRunner):
             runner.warmup()
             return lambda mel: runner(mel)[0]
         return self.model.encode
+
+    def _max_len(self) -> int:
+        assert self.model is not None
+        return min(4 + self.config.whisper.max_new_tokens + 1, self.model.dims.n_text_ctx)
+
+    def _make_steps(self, static: bool) -> StaticDecoderSteps | None:
+        """Static-buffer decoder steps (CUDA graphs on GPU); None = the plain eager decoder.
+
+        `static=True` on CPU runs the same buffers without capture: the reference the tests
+        hold the graph path to."""
+        if not static:
+            return None
+        assert self.model is not None
+        steps = StaticDecoderSteps(self.model, self.config.graphs.batch_buckets, self._max_len(), self.dtype,
+                                   self.device, capture=self.device.type == "cuda")
+        try:
+            steps.warmup()
+        except RuntimeError as e:  # a capture failure must not stop the server: fall back to eager
+            log.warning("whisper decoder step capture failed (%s); decoding eagerly", e)
+            return None
+        return steps
 
     def _build_suppression(self) -> None:
         tk, dims = self.tokenizer, self.model.dims
@@ -139,8 +163,12 @@ class WhisperRunner(ModelRunner):
         mel = self.logmel(audio).to(self.dtype)
         enc = self.encoder(mel)
         cross = model.cross_kv(enc)
-        max_len = min(4 + cfg.max_new_tokens + 1, model.dims.n_text_ctx)
-        cache = model.new_cache(b, max_len, self.dtype, dev)
+        max_len = self._max_len()
+        bucket = self.steps.bucket_for(b) if self.steps is not None else None
+        if bucket is not None:
+            cache = self.steps.begin(bucket, cross, b)
+        else:
+            cache = model.new_cache(b, max_len, self.dtype, dev)
 
         # Step 0: <|startoftranscript|>. Its logits give the no-speech probability and the language.
         sot = torch.full((b, 1), tk.sot, dtype=torch.long, device=dev)
@@ -175,7 +203,10 @@ class WhisperRunner(ModelRunner):
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             if bool(finished.all()) or offset + 1 > max_len - 1:
                 break
-            logits = model.decode(nxt[:, None], offset, cache, cross)[:, -1]
+            if bucket is not None:
+                logits = self.steps.step(bucket, nxt, offset)
+            else:
+                logits = model.decode(nxt[:, None], offset, cache, cross)[:, -1]
             offset += 1
 
         out = []

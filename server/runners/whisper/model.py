@@ -72,6 +72,20 @@ class DecoderBlock(nn.Module):
         self.fc1 = nn.Linear(d, 4 * d)
         self.fc2 = nn.Linear(4 * d, d)
 
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, s, d = x.shape
+        h = self.heads
+        q, k, v = self.self_qkv(self.self_ln(x)).view(b, s, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def _after_self_attention(self, x: torch.Tensor, a: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        x = x + self.self_out(a.transpose(1, 2).reshape(b, s, d))
+        q = self.cross_q(self.cross_ln(x)).view(b, s, self.heads, d // self.heads).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, cross_k, cross_v)
+        x = x + self.cross_out(a.transpose(1, 2).reshape(b, s, d))
+        return x + self.fc2(F.gelu(self.fc1(self.mlp_ln(x))))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -81,9 +95,9 @@ class DecoderBlock(nn.Module):
         cross_k: torch.Tensor,
         cross_v: torch.Tensor,
     ) -> torch.Tensor:
-        b, s, d = x.shape
-        h, dh = self.heads, d // self.heads
-        q, k, v = self.self_qkv(self.self_ln(x)).view(b, s, 3, h, dh).permute(2, 0, 3, 1, 4)
+        """Eager: S new tokens at Python-int positions offset.., attending over the filled prefix."""
+        s = x.shape[1]
+        q, k, v = self._qkv(x)
         pos = torch.arange(offset, offset + s, device=x.device)
         k_cache.index_copy_(2, pos, k)
         v_cache.index_copy_(2, pos, v)
@@ -94,11 +108,25 @@ class DecoderBlock(nn.Module):
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         else:
             a = F.scaled_dot_product_attention(q, keys, values)
-        x = x + self.self_out(a.transpose(1, 2).reshape(b, s, d))
-        q = self.cross_q(self.cross_ln(x)).view(b, s, h, dh).transpose(1, 2)
-        a = F.scaled_dot_product_attention(q, cross_k, cross_v)
-        x = x + self.cross_out(a.transpose(1, 2).reshape(b, s, d))
-        return x + self.fc2(F.gelu(self.fc1(self.mlp_ln(x))))
+        return self._after_self_attention(x, a, cross_k, cross_v)
+
+    def step_static(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        visible: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cross_k: torch.Tensor,
+        cross_v: torch.Tensor,
+    ) -> torch.Tensor:
+        """Capturable: one token at a device-tensor position, attending over the whole cache
+        through a mask, so no shape depends on the step."""
+        q, k, v = self._qkv(x)
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v)
+        a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible)
+        return self._after_self_attention(x, a, cross_k, cross_v)
 
 
 class Whisper(nn.Module):
@@ -155,6 +183,26 @@ class Whisper(nn.Module):
             x = blk(x, offset, cache[0, i], cache[1, i], cross[0][i], cross[1][i])
         x = self.dec_ln(x)
         return (x @ self.tok_emb.weight.T).float()
+
+    def decode_step_static(
+        self,
+        tokens: torch.Tensor,
+        pos: torch.Tensor,
+        cache: torch.Tensor,
+        cross: tuple[list[torch.Tensor], list[torch.Tensor]],
+    ) -> torch.Tensor:
+        """tokens [B, 1] at position pos (LongTensor [1] on the device) -> logits [B, vocab].
+
+        Same result as `decode(tokens, int(pos), ...)` but with static shapes and no host
+        sync: the form a CUDA graph can capture once and replay at every step.
+        """
+        max_len = cache.shape[-2]
+        visible = (torch.arange(max_len, device=tokens.device) <= pos)[None, :]
+        x = self.tok_emb(tokens) + self.dec_pos.index_select(0, pos)
+        for i, blk in enumerate(self.dec_blocks):
+            x = blk.step_static(x, pos, visible, cache[0, i], cache[1, i], cross[0][i], cross[1][i])
+        x = self.dec_ln(x)
+        return (x[:, -1] @ self.tok_emb.weight.T).float()
 
 
 # ---------------------------------------------------------------------- CT2 weights

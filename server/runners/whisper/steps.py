@@ -1,0 +1,110 @@
+"""Whisper decoder steps through static per-batch-bucket buffers, replayed as CUDA graphs on GPU.
+
+Each batch bucket B owns static storage: the token column [B, 1], the position [1], the
+self-attention cache and the cross-attention keys/values. A batch of b <= B rows copies its
+cross K/V into the first b rows, runs the prompt eagerly into the first b rows of the cache,
+and then every greedy step writes the new tokens and position into the static inputs and
+replays the bucket's graph (`Whisper.decode_step_static`: no host sync, no shape change).
+Rows b..B hold stale data that no real row can see (each row attends only to itself).
+
+With `capture=False` the same buffers are used and the static step is called eagerly: this is
+the CPU reference the tests compare with the plain eager decoder, and the GPU fallback.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from server.runners.whisper.model import Whisper
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Bucket:
+    size: int
+    tokens: torch.Tensor
+    pos: torch.Tensor
+    cache: torch.Tensor
+    cross_k: list[torch.Tensor]
+    cross_v: list[torch.Tensor]
+    logits: torch.Tensor | None = None
+    graph: "torch.cuda.CUDAGraph | None" = None
+
+
+class StaticDecoderSteps:
+    def __init__(self, model: Whisper, batch_buckets: Sequence[int], max_len: int, dtype: torch.dtype,
+                 device: torch.device, capture: bool) -> None:
+        self.model = model
+        self.sizes = sorted(set(batch_buckets))
+        self.max_len = max_len
+        self.dtype = dtype
+        self.device = device
+        self.capture = capture
+        self.buckets: dict[int, _Bucket] = {}
+        self.replays = 0
+
+    def _alloc(self, size: int) -> _Bucket:
+        d = self.model.dims
+        h, dh = d.n_heads, d.d_model // d.n_heads
+        z = lambda: torch.zeros(size, h, d.n_audio_ctx, dh, dtype=self.dtype, device=self.device)  # noqa: E731
+        return _Bucket(
+            size=size,
+            tokens=torch.zeros(size, 1, dtype=torch.long, device=self.device),
+            pos=torch.zeros(1, dtype=torch.long, device=self.device),
+            cache=self.model.new_cache(size, self.max_len, self.dtype, self.device),
+            cross_k=[z() for _ in range(d.n_dec_layers)],
+            cross_v=[z() for _ in range(d.n_dec_layers)],
+        )
+
+    def _run(self, bk: _Bucket) -> torch.Tensor:
+        return self.model.decode_step_static(bk.tokens, bk.pos, bk.cache, (bk.cross_k, bk.cross_v))
+
+    def warmup(self) -> None:
+        """Allocate every bucket (largest first) and, on CUDA, capture its step graph."""
+        pool = torch.cuda.graph_pool_handle() if self.capture else None
+        for size in reversed(self.sizes):
+            bk = self._alloc(size)
+            if self.capture:
+                bk.pos.fill_(self.max_len - 1)
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side), torch.inference_mode():
+                    for _ in range(2):
+                        self._run(bk)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.inference_mode(), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    bk.logits = self._run(bk)
+                bk.graph = graph
+            self.buckets[size] = bk
+        if self.capture:
+            log.info("whisper decoder: captured step graphs for batch buckets %s", self.sizes)
+
+    def bucket_for(self, b: int) -> _Bucket | None:
+        i = bisect.bisect_left(self.sizes, b)
+        return self.buckets.get(self.sizes[i]) if i < len(self.sizes) else None
+
+    def begin(self, bk: _Bucket, cross: tuple[list[torch.Tensor], list[torch.Tensor]], b: int) -> torch.Tensor:
+        """Load a batch's cross K/V; returns the cache view the eager prompt pass writes into."""
+        for i in range(len(bk.cross_k)):
+            bk.cross_k[i][:b].copy_(cross[0][i])
+            bk.cross_v[i][:b].copy_(cross[1][i])
+        return bk.cache[:, :, :b]
+
+    def step(self, bk: _Bucket, tokens: torch.Tensor, offset: int) -> torch.Tensor:
+        """tokens [b] at position `offset` -> logits [b, vocab] (a view: consume before the next step)."""
+        b = tokens.shape[0]
+        bk.tokens[:b, 0].copy_(tokens)
+        bk.pos.fill_(offset)
+        if bk.graph is not None:
+            bk.graph.replay()
+            self.replays += 1
+            assert bk.logits is not None
+            return bk.logits[:b]
+        return self._run(bk)[:b]
