@@ -160,6 +160,11 @@ class ServerConfig:
         256, "Messages queued to one slow client before it is disconnected (1008) rather than "
         "buffered without bound.",
     )
+    max_pending_finals: int = knob(
+        4, "Segments of one session waiting for the model before the server stops reading that "
+        "client's socket (TCP backpressure): a client sending audio faster than the model keeps up "
+        "slows itself down instead of filling the batcher ahead of everyone else.",
+    )
     require_config: bool = knob(
         False, "If true, audio before a `start` message or query config is an error; if false the "
         "session starts with defaults (16 kHz pcm_s16le) at the first audio frame.",
@@ -265,6 +270,8 @@ def validate(cfg: Config) -> None:
         problems.append("vad.frame_ms must be 10, 20 or 30")
     if not 0 <= cfg.vad.aggressiveness <= 3:
         problems.append("vad.aggressiveness must be 0..3")
+    if cfg.server.max_pending_finals < 1:
+        problems.append("server.max_pending_finals must be >= 1")
     if cfg.batcher.max_batch_size < 1:
         problems.append("batcher.max_batch_size must be >= 1")
     if list(cfg.batcher.length_buckets_s) != sorted(cfg.batcher.length_buckets_s):

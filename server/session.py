@@ -106,6 +106,16 @@ class Session:
         self._handle(self.endpointer.feed(samples))
         self._maybe_request_partial()
 
+    async def backpressure(self) -> None:
+        """Wait while this session has too many segments queued for the model.
+
+        The adapter awaits this before reading the next message, so a client that sends
+        faster than real time is slowed by TCP flow control rather than by a growing queue."""
+        limit = self.config.server.max_pending_finals
+        while len(self._finals) >= limit and not self._closed:
+            await asyncio.wait([self._finals[0].future])
+            self._drain_finals()
+
     def finalize(self) -> None:
         """Client asked to end the current segment now."""
         if not self._closed and not self._stopping:

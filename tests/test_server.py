@@ -236,3 +236,32 @@ def test_bad_query_is_fatal(srv):
             return ws.close_code
 
     assert asyncio.run(main()) == 1008
+
+
+def test_flooding_client_is_slowed_by_backpressure_not_queued(srv):
+    """A client sending a minute of speech as fast as it can: the server stops reading it while
+    it has max_pending_finals segments queued, so the batcher never holds more than that."""
+    gap = np.zeros(12800, np.float32)
+    order = CLIPS * 2
+    audio = np.concatenate([part for c in order for part in (read_clip(c), gap)])
+    limit = srv.app.config.server.max_pending_finals
+    depths = []
+
+    async def main():
+        async def sample():
+            while True:
+                depths.append(len(srv.app.batcher._finals))
+                await asyncio.sleep(0.01)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            return await stream_audio(srv.url, audio, speed=1000.0, start={"interim_results": False}, timeout=300)
+        finally:
+            sampler.cancel()
+
+    log = asyncio.run(main())
+    check_stream_invariants(log, int(len(audio) / 16000 * 1000) + 1500)
+    assert max(depths) <= limit, f"batcher held {max(depths)} finals of one session (limit {limit})"
+    hyp = " ".join(f["text"] for f in log.of("final"))
+    ref = " ".join(TRANSCRIPTS[c.name] for c in order)
+    assert word_error_rate([ref], [hyp]) <= 0.06, hyp

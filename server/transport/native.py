@@ -133,6 +133,8 @@ class NativeConnection:
             return _CLOSE_POLICY, e.code
 
         while True:
+            if self.session is not None:
+                await self.session.backpressure()
             try:
                 message = await asyncio.wait_for(self.ws.recv(), timeout=self.cfg.idle_timeout_s)
             except asyncio.TimeoutError:
