@@ -139,7 +139,7 @@ class MicroBatcher:
                 # waiting for this session is for the segment that just ended: drop it unrun.
                 self._finals.append(req)
                 replaced = self._partials.pop(session, None)
-            self.metrics.queue_depth.set(len(self._finals) + len(self._partials))
+            self._publish_depth()
             self._cond.notify()
         self.metrics.requests.labels(kind.name.lower()).inc()
         if replaced is not None:
@@ -157,23 +157,25 @@ class MicroBatcher:
             p = self._partials.pop(session, None)
             if p is not None:
                 gone.append(p)
-            self.metrics.queue_depth.set(len(self._finals) + len(self._partials))
+            self._publish_depth()
         for r in gone:
             self.metrics.requests_dropped.labels(r.kind.name.lower(), "cancelled").inc()
             if not r.future.done():
                 r.future.cancel()
         return len(gone)
 
+    def _publish_depth(self) -> None:
+        self.metrics.queue_depth.set(len(self._finals) + len(self._partials))
+
     # ------------------------------------------------------------------ worker side
+    def _next_queue(self) -> list[Request]:
+        """The queue the next batch comes from (lock held): finals while any wait, else partials."""
+        return list(self._finals) if self._finals else list(self._partials.values())
+
     def _ready_count(self) -> int:
         """Items that could go into the next batch right now (for the 'full batch' early wake)."""
-        if self._finals:
-            b = self._finals[0].bucket
-            return sum(1 for r in self._finals if r.bucket == b)
-        if self._partials:
-            b = next(iter(self._partials.values())).bucket
-            return sum(1 for r in self._partials.values() if r.bucket == b)
-        return 0
+        queue = self._next_queue()
+        return sum(1 for r in queue if r.bucket == queue[0].bucket) if queue else 0
 
     def _oldest_enqueued(self) -> float:
         times = []
@@ -196,22 +198,19 @@ class MicroBatcher:
             per_item = edge[r.bucket] if edge else r.seconds
             return not batch or per_item * (len(batch) + 1) <= budget
 
-        if self._finals:
-            bucket = self._finals[0].bucket
-            keep: collections.deque[Request] = collections.deque()
-            for r in self._finals:
-                if r.bucket == bucket and fits(r):
+        queue = self._next_queue()
+        if queue:
+            bucket = queue[0].bucket
+            for r in queue:
+                if r.bucket == bucket and fits(r):  # fits() reads the batch as it grows
                     batch.append(r)
-                else:
-                    keep.append(r)
-            self._finals = keep
-        elif self._partials:
-            bucket = next(iter(self._partials.values())).bucket
-            for key, r in list(self._partials.items()):
-                if r.bucket == bucket and fits(r):
-                    batch.append(r)
-                    del self._partials[key]
-        self.metrics.queue_depth.set(len(self._finals) + len(self._partials))
+            taken = set(map(id, batch))
+            if self._finals:
+                self._finals = collections.deque(r for r in self._finals if id(r) not in taken)
+            else:
+                for r in batch:
+                    del self._partials[r.session]
+        self._publish_depth()
         return batch
 
     def _worker(self) -> None:

@@ -210,12 +210,12 @@ class WhisperRunner(ModelRunner):
             offset += 1
 
         out = []
+        # Two device->host copies per batch: the tokens, and every per-row scalar stacked
+        # (float32 holds the token counts and language ids exactly: all are below 2**24).
         toks = tokens.cpu().tolist()
-        ns = no_speech.float().cpu().tolist()
-        lps = sum_logprob.cpu().tolist()
-        counts = n_tokens.cpu().tolist()
-        langs = lang.cpu().tolist()
-        for row, nsp, lp_sum, n, lang_id in zip(toks, ns, lps, counts, langs):
+        per_row = torch.stack([no_speech.float(), sum_logprob, n_tokens.float(), lang.float()], dim=1).cpu().tolist()
+        for row, (nsp, lp_sum, n, lang_id) in zip(toks, per_row):
+            n, lang_id = int(n), int(lang_id)
             ids = row[: row.index(tk.eot)] if tk.eot in row else row
             avg = lp_sum / (n + 1)
             text = tk.decode(ids)

@@ -38,6 +38,12 @@ def _ln(d: int) -> nn.LayerNorm:
     return nn.LayerNorm(d)
 
 
+def _heads(x: torch.Tensor, parts: int, heads: int) -> torch.Tensor:
+    """[B, S, parts*D] projection -> [parts, B, heads, S, D/heads] (q/k/v split per head)."""
+    b, s, width = x.shape
+    return x.view(b, s, parts, heads, width // (parts * heads)).permute(2, 0, 3, 1, 4)
+
+
 class EncoderBlock(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
@@ -51,7 +57,7 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = self.qkv(self.attn_ln(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = _heads(self.qkv(self.attn_ln(x)), 3, self.heads)
         a = F.scaled_dot_product_attention(q, k, v)
         x = x + self.out(a.transpose(1, 2).reshape(b, t, d))
         return x + self.fc2(F.gelu(self.fc1(self.mlp_ln(x))))
@@ -73,15 +79,13 @@ class DecoderBlock(nn.Module):
         self.fc2 = nn.Linear(4 * d, d)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, s, d = x.shape
-        h = self.heads
-        q, k, v = self.self_qkv(self.self_ln(x)).view(b, s, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        q, k, v = _heads(self.self_qkv(self.self_ln(x)), 3, self.heads)
         return q, k, v
 
     def _after_self_attention(self, x: torch.Tensor, a: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
         x = x + self.self_out(a.transpose(1, 2).reshape(b, s, d))
-        q = self.cross_q(self.cross_ln(x)).view(b, s, self.heads, d // self.heads).transpose(1, 2)
+        q = _heads(self.cross_q(self.cross_ln(x)), 1, self.heads)[0]
         a = F.scaled_dot_product_attention(q, cross_k, cross_v)
         x = x + self.cross_out(a.transpose(1, 2).reshape(b, s, d))
         return x + self.fc2(F.gelu(self.fc1(self.mlp_ln(x))))
@@ -155,11 +159,9 @@ class Whisper(nn.Module):
         return self.enc_ln(x)
 
     def cross_kv(self, enc: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        b, t, d = enc.shape
-        h = self.dims.n_heads
         ks, vs = [], []
         for blk in self.dec_blocks:
-            k, v = blk.cross_kv(enc).view(b, t, 2, h, d // h).permute(2, 0, 3, 1, 4)
+            k, v = _heads(blk.cross_kv(enc), 2, self.dims.n_heads)
             ks.append(k.contiguous())
             vs.append(v.contiguous())
         return ks, vs
