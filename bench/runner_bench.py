@@ -74,6 +74,11 @@ def timed(fn, sync, repeats: int) -> tuple[float, float]:
     return float(np.median(walls)), float(np.median(cpus))
 
 
+def stage_text(stages: dict[str, float]) -> str:
+    """'features 1.2 / model 30.4 / ...' in ms (device time from CUDA events on GPU)."""
+    return " / ".join(f"{k} {v * 1000:.1f}" for k, v in stages.items()) or "-"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runner", choices=["whisper", "sensevoice"], default="whisper")
@@ -115,7 +120,9 @@ def main() -> int:
         for b in batches:
             items = speech(args.seconds, b)
             med, cpu = timed(lambda: runner.transcribe(items, [ItemOptions("en")] * b), sync, args.repeats)
-            rows.append((f"chorus {variant}", b, med, cpu, b * args.seconds))
+            launched = runner.launch(items, [ItemOptions("en")] * b)
+            launched.result()
+            rows.append((f"chorus {variant}", b, med, cpu, b * args.seconds, stage_text(launched.stages)))
             print(f"{variant} batch {b}: {med * 1000:.1f} ms, RTFx {b * args.seconds / med:.1f}", flush=True)
         runner.close()
     if args.funasr_baseline and args.runner == "sensevoice":
@@ -126,17 +133,19 @@ def main() -> int:
         for b in batches:
             items = speech(args.seconds, b)
             med, cpu = timed(lambda: [am.generate(input=x, language="en", use_itn=False) for x in items], sync, args.repeats)
-            rows.append(("funasr generate, one request at a time", b, med, cpu, b * args.seconds))
+            rows.append(("funasr generate, one request at a time", b, med, cpu, b * args.seconds, "-"))
             med, cpu = timed(lambda: am.generate(input=items, language="en", use_itn=False, batch_size_s=b * args.seconds + 1), sync, args.repeats)
-            rows.append(("funasr generate, own batching (batch_size_s)", b, med, cpu, b * args.seconds))
+            rows.append(("funasr generate, own batching (batch_size_s)", b, med, cpu, b * args.seconds, "-"))
             print(f"funasr batch {b} done", flush=True)
     lines = [f"### runner_bench {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC — {args.runner} on {args.device}", "",
              f"- machine: {machine(args.device, threads)}", f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
              f"- items of {args.seconds:g} s of real speech; median of {args.repeats} calls after a warm-up call"]
     if random_note:
         lines.append(f"- {random_note}")
-    lines += ["", "| variant | batch | ms per batch | RTFx (audio s / wall s) | process CPU ms per audio s |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {v} | {b} | {wall * 1000:.1f} | {audio / wall:.1f} | {cpu / audio * 1000:.0f} |" for v, b, wall, cpu, audio in rows]
+    lines += ["", "| variant | batch | ms per batch | RTFx (audio s / wall s) | process CPU ms per audio s | stages of one call, ms |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {v} | {b} | {wall * 1000:.1f} | {audio / wall:.1f} | {cpu / audio * 1000:.0f} | {st} |"
+              for v, b, wall, cpu, audio, st in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,9 +191,15 @@ async def run_load(url: str, sessions: int, duration: float, clips: list[str], l
     return s
 
 
-def holds_target(summary: dict, target_ms: float) -> bool:
+def holds_target(summary: dict, target_ms: float, partial_gap_ms: float | None = None) -> bool:
+    """p95 final latency within target, no errors, no lost finals, and (if given) p95 gap
+    between a segment's partials within `partial_gap_ms`."""
     p95 = summary["final_latency_ms"]["p95"]
-    return p95 is not None and p95 <= target_ms and summary["errors"] == 0 and summary["lost_finals"] == 0
+    ok = p95 is not None and p95 <= target_ms and summary["errors"] == 0 and summary["lost_finals"] == 0
+    if ok and partial_gap_ms is not None:
+        gap = summary["partial_gap_ms"]["p95"]
+        ok = gap is not None and gap <= partial_gap_ms
+    return ok
 
 
 def _proc_main(args: tuple) -> list[SessionResult]:
@@ -262,6 +269,48 @@ class SpawnedServer:
         return f"ws://127.0.0.1:{self.port}/v1/stream"
 
 
+def _samples(metrics_text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value} (comments skipped)."""
+    out = {}
+    for line in metrics_text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+STAGES = ("decode", "vad", "send", "features", "encoder", "decoder", "model", "postprocess")
+
+
+def time_breakdown(before: str, after: str) -> dict:
+    """Where the server's time went between two /metrics scrapes: seconds per stage (event
+    loop: decode, vad, send; worker: features, encoder, decoder, model, postprocess) and the
+    whole process's CPU seconds, each per second of audio received; plus the event loop's
+    lag (the upper bound of the histogram bucket holding its 99th percentile)."""
+    a, b = _samples(before), _samples(after)
+    d = lambda k: b.get(k, 0.0) - a.get(k, 0.0)  # noqa: E731
+    audio = d("chorus_audio_seconds_total")
+    out: dict = {"audio_s": round(audio, 1), "ms_per_audio_s": {}}
+    if audio <= 0:
+        return out
+    for st in STAGES:
+        v = d(f'chorus_stage_seconds_total{{stage="{st}"}}')
+        if v > 0:
+            out["ms_per_audio_s"][st] = round(1000 * v / audio, 3)
+    out["ms_per_audio_s"]["process_cpu"] = round(1000 * d("process_cpu_seconds_total") / audio, 3)
+    total = d("chorus_event_loop_lag_seconds_count")
+    if total > 0:
+        buckets = sorted(
+            (float(m.group(1)), d(k)) for k in b
+            if (m := re.match(r'chorus_event_loop_lag_seconds_bucket\{le="([^"]+)"\}', k)) and m.group(1) != "+Inf"
+        )
+        out["loop_lag_p99_ms"] = next((1000 * le for le, n in buckets if n >= 0.99 * total), None)
+    return out
+
+
 def mean_batch_size(metrics_text: str) -> float | None:
     vals = {}
     for name in ("chorus_batch_size_sum", "chorus_batch_size_count"):
@@ -271,6 +320,17 @@ def mean_batch_size(metrics_text: str) -> float | None:
     if vals.get("chorus_batch_size_count"):
         return vals["chorus_batch_size_sum"] / vals["chorus_batch_size_count"]
     return None
+
+
+def _scrape(ws_url: str) -> str | None:
+    """/metrics of the server behind a ws:// URL, or None if it does not answer."""
+    parts = urlsplit(ws_url)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    try:
+        with urllib.request.urlopen(f"{scheme}://{parts.netloc}/metrics", timeout=10) as r:
+            return r.read().decode()
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------------- reporting
@@ -286,8 +346,8 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
-def largest_within(rows: list[dict], target: float) -> int:
-    ok = [r["sessions"] for r in rows if holds_target(r, target)]
+def largest_within(rows: list[dict], target: float, partial_gap_ms: float | None = None) -> int:
+    ok = [r["sessions"] for r in rows if holds_target(r, target, partial_gap_ms)]
     return max(ok) if ok else 0
 
 
@@ -295,12 +355,15 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
-def markdown(modes: dict[str, list[dict]], target: float, command: str, duration: float) -> str:
+def markdown(modes: dict[str, list[dict]], target: float, command: str, duration: float,
+             partial_gap_ms: float | None = None) -> str:
+    gap = f", p95 gap between partials {partial_gap_ms:g} ms" if partial_gap_ms is not None else ""
     out = [f"## loadgen run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
            f"- command: `{command}`", f"- machine: {machine()}",
-           f"- each session: {duration:g} s of real speech clips 1.2 s apart at real-time pace; target p95 final latency {target:g} ms", ""]
+           f"- each session: {duration:g} s of real speech clips 1.2 s apart at real-time pace; "
+           f"target p95 final latency {target:g} ms{gap}", ""]
     for mode, rows in modes.items():
-        out.append(f"### {mode}: largest N within target = **{largest_within(rows, target)}**")
+        out.append(f"### {mode}: largest N within target = **{largest_within(rows, target, partial_gap_ms)}**")
         out.append("")
         out.append("| sessions | finals | final p50 ms | final p95 ms | final max ms | partial gap p50 ms | partial gap p95 ms | errors | lost finals | WER | mean batch |")
         out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -311,6 +374,20 @@ def markdown(modes: dict[str, list[dict]], target: float, command: str, duration
             out.append(f"| {r['sessions']} | {r['finals']} | {_fmt(f['p50'])} | {_fmt(f['p95'])} | {_fmt(f['max'])} | "
                        f"{_fmt(g['p50'])} | {_fmt(g['p95'])} | {r['errors']} | {r['lost_finals']} | {wer} | {mb} |")
         out.append("")
+        rows_with = [r for r in rows if r.get("time", {}).get("ms_per_audio_s")]
+        if rows_with:
+            cols = [c for c in (*STAGES, "process_cpu") if any(c in r["time"]["ms_per_audio_s"] for r in rows_with)]
+            out.append(f"Where the server's time went ({mode}), ms per second of audio "
+                       "(device time for worker stages on GPU; process_cpu = the whole server process):")
+            out.append("")
+            out.append("| sessions | " + " | ".join(cols) + " | loop lag p99 ms |")
+            out.append("| --- " * (len(cols) + 2) + "|")
+            for r in rows_with:
+                t = r["time"]
+                cells = [f"{t['ms_per_audio_s'][c]:.2f}" if c in t["ms_per_audio_s"] else "-" for c in cols]
+                lag = t.get("loop_lag_p99_ms")
+                out.append(f"| {r['sessions']} | " + " | ".join(cells) + f" | {'-' if lag is None else f'<= {lag:g}'} |")
+            out.append("")
     return "\n".join(out) + "\n"
 
 
@@ -357,21 +434,41 @@ def main() -> int:
     p.add_argument("--clips", nargs="+", default=[str(c) for c in sorted((ROOT / "tests" / "data").glob("*.wav"))])
     p.add_argument("--procs", type=int, default=1, help="generator processes")
     p.add_argument("--latency-target-ms", type=float, default=1500.0)
+    p.add_argument("--partial-gap-target-ms", type=float,
+                   help="also require the p95 gap between a segment's partials to be within this")
     p.add_argument("--speed", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spawn-server", help="command that starts a server (a free --port is appended)")
     p.add_argument("--compare-batching", action="store_true", help="with --spawn-server: batching on, then off")
+    p.add_argument("--compare-gpu", action="store_true",
+                   help="with --spawn-server: batching + CUDA graphs, batching with eager model calls, and one "
+                        "eager call per request, in that order")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                   help="with --spawn-server: a named server variant, ARGS appended to its command "
+                        "(e.g. 'fp16=--set runner.dtype=float16'); repeatable")
     p.add_argument("--stop-after-miss", action="store_true", help="end a ramp at the first N that misses the target")
     p.add_argument("--out", type=Path, help="append a markdown report here")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, help="write an SVG plot here")
     args = p.parse_args()
     ramp = [int(x) for x in args.ramp.split(",")] if args.ramp else [args.sessions]
-    variants = {"batching on": []}
-    if args.compare_batching:
-        if not args.spawn_server:
-            p.error("--compare-batching needs --spawn-server")
+    variants: dict[str, list[str]] = {}
+    if (args.compare_batching or args.compare_gpu or args.variant) and not args.spawn_server:
+        p.error("--compare-batching, --compare-gpu and --variant need --spawn-server")
+    if args.compare_gpu:
+        variants["batching + CUDA graphs"] = ["--set", "runner.graphs.enabled=true"]
+        variants["batching, eager"] = ["--set", "runner.graphs.enabled=false"]
+        variants["one eager call per request"] = ["--set", "runner.graphs.enabled=false", "--set", "batcher.enabled=false"]
+    elif args.compare_batching:
+        variants["batching on"] = []
         variants["batching off (one call per request)"] = ["--set", "batcher.enabled=false"]
+    for v in args.variant:
+        name, sep, extra = v.partition("=")
+        if not sep or not name:
+            p.error(f"--variant {v!r}: expected NAME=ARGS")
+        variants[name] = shlex.split(extra)
+    if not variants:
+        variants["as configured"] = []
     modes: dict[str, list[dict]] = {}
     for mode, extra in variants.items():
         rows: list[dict] = []
@@ -379,19 +476,28 @@ def main() -> int:
             if args.spawn_server:
                 # A fresh server per step, so one step's backlog or metrics never leak into the next.
                 with SpawnedServer(args.spawn_server, extra) as srv:
+                    before = srv.metrics()
                     row = run_multiproc(srv.url, n, args.duration, args.clips, args.seed, args.speed, args.procs)
-                    row["mean_batch"] = mean_batch_size(srv.metrics())
+                    after = srv.metrics()
+                row["mean_batch"] = mean_batch_size(after)
+                row["time"] = time_breakdown(before, after)
             else:
+                before = _scrape(args.url)
                 row = run_multiproc(args.url, n, args.duration, args.clips, args.seed, args.speed, args.procs)
-            row["within_target"] = holds_target(row, args.latency_target_ms)
+                after = _scrape(args.url)
+                if before is not None and after is not None:
+                    row["mean_batch"] = mean_batch_size(after)
+                    row["time"] = time_breakdown(before, after)
+            row["within_target"] = holds_target(row, args.latency_target_ms, args.partial_gap_target_ms)
             rows.append(row)
             print(f"[{mode}] N={n}: final p50/p95 {_fmt(row['final_latency_ms']['p50'])}/{_fmt(row['final_latency_ms']['p95'])} ms, "
                   f"errors {row['errors']}, lost {row['lost_finals']}, mean batch {row.get('mean_batch')}, "
-                  f"WER {row['wer']}", flush=True)
+                  f"WER {row['wer']}, ms per audio s {row.get('time', {}).get('ms_per_audio_s')}", flush=True)
             if args.stop_after_miss and not row["within_target"]:
                 break
         modes[mode] = rows
-    report = markdown(modes, args.latency_target_ms, " ".join(shlex.quote(a) for a in sys.argv), args.duration)
+    report = markdown(modes, args.latency_target_ms, " ".join(shlex.quote(a) for a in sys.argv), args.duration,
+                      args.partial_gap_target_ms)
     print(report)
     if args.out:
         with args.out.open("a") as f:

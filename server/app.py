@@ -40,6 +40,7 @@ class ChorusServer:
         self.started_at = time.time()
         self._server: Server | None = None
         self._load_task: asyncio.Task | None = None
+        self._lag_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ state
     def health(self) -> dict[str, Any]:
@@ -96,6 +97,7 @@ class ChorusServer:
             compression=None,  # audio does not compress; deflate would only cost CPU
         )
         log.info("listening on ws://%s:%d/v1/stream", cfg.host, self.port)
+        self._lag_task = asyncio.create_task(self._watch_loop_lag())
         self._load_task = asyncio.create_task(self._load_model())
         if wait_ready:
             await self._load_task
@@ -121,8 +123,19 @@ class ChorusServer:
         self.metrics.model_ready.set(1)
         log.info("model ready in %.1f s: %s", time.monotonic() - t0, self.model_info())
 
+    async def _watch_loop_lag(self, period: float = 0.1) -> None:
+        """Event-loop lag: how late a timer fires is how long other callbacks held the loop.
+        Blocking work on the loop would delay every session's audio and results at once."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + period
+            await asyncio.sleep(period)
+            self.metrics.event_loop_lag.observe(max(0.0, loop.time() - due))
+
     async def stop(self) -> None:
         """Refuse new clients, close open ones (1001), stop the worker."""
+        if self._lag_task is not None:
+            self._lag_task.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

@@ -13,6 +13,8 @@ Policy, in order:
 - at most ``max_batch_size`` items and ``max_batch_audio_s`` padded audio seconds;
 - an out-of-memory batch is split in halves and retried; any other failing batch
   fails every request in it, and the worker lives on;
+- with a runner that launches asynchronously (CUDA), the next batch is formed and
+  launched before the running one is collected (see ``_worker``);
 - a session that goes away cancels its requests; they are never run.
 
 Nothing here touches sockets or sessions, and nothing blocks the event loop beyond
@@ -36,7 +38,7 @@ import numpy as np
 
 from server.config import BatcherConfig
 from server.metrics import Metrics
-from server.runners.base import ItemOptions, ModelRunner, Transcript
+from server.runners.base import ItemOptions, Launched, ModelRunner, Transcript
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,20 @@ class Request:
     @property
     def seconds(self) -> float:
         return len(self.audio) / 16000.0
+
+
+def _is_oom(exc: BaseException) -> bool:
+    # Matched by name so this module stays free of torch (torch.OutOfMemoryError).
+    return type(exc).__name__ == "OutOfMemoryError"
+
+
+@dataclass
+class _InFlight:
+    """A launched batch waiting to be collected."""
+
+    batch: list[Request]
+    launched: Launched
+    start: float
 
 
 class MicroBatcher:
@@ -213,65 +229,125 @@ class MicroBatcher:
         self._publish_depth()
         return batch
 
-    def _worker(self) -> None:
-        while True:
-            with self._cond:
+    def _wait_for_batch(self, block: bool) -> list[Request] | None:
+        """The next batch, or None once stopped. With ``block=False`` (a batch is in flight)
+        it returns at once: a batch if one is due now (full, or its window has passed),
+        else an empty list, so the worker collects the running batch instead of waiting."""
+        with self._cond:
+            if block:
                 while self._running and not (self._finals or self._partials):
                     self._cond.wait()
-                if not self._running:
-                    return
-                # Deadline window from the oldest waiting request, not a sleep-poll loop.
-                deadline = self._oldest_enqueued() + self.wait_s
-                while self._running and self._ready_count() < self.max_batch:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
-                if not self._running:
-                    return
-                batch = self._take_batch()
-            # Skip requests whose session vanished while they waited.
-            batch = [r for r in batch if not r.future.cancelled()]
-            if batch:
-                self._run(batch)
+            if not self._running:
+                return None
+            if not (self._finals or self._partials):
+                return []
+            # Deadline window from the oldest waiting request, not a sleep-poll loop.
+            deadline = self._oldest_enqueued() + self.wait_s
+            while self._running and self._ready_count() < self.max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if not block:
+                    return []
+                self._cond.wait(remaining)
+            if not self._running:
+                return None
+            batch = self._take_batch()
+        # Skip requests whose session vanished while they waited.
+        return [r for r in batch if not r.future.cancelled()]
+
+    def _worker(self) -> None:
+        """Form, launch and collect batches. With an asynchronous runner (CUDA) the next
+        batch is formed and launched while the current one runs on the device, and only
+        then is the current one collected: the host work of batch N+1 (gathering, padding,
+        pinned copies, kernel launches) overlaps the device work of batch N, and the device
+        never idles between back-to-back batches. A batch is collected before any later one,
+        so results reach sessions in launch order."""
+        inflight: _InFlight | None = None
+        while True:
+            batch = self._wait_for_batch(block=inflight is None)
+            if batch is None:  # stopped: the running batch still delivers its results
+                if inflight is not None:
+                    self._collect(inflight)
+                return
+            launched = self._launch(batch) if batch else None
+            if inflight is not None:
+                self._collect(inflight)
+                inflight = None
+            if launched is not None:
+                if self.runner.asynchronous:
+                    inflight = launched
+                else:
+                    self._collect(launched)
 
     def _call(self, batch: Sequence[Request]) -> list[Transcript]:
-        """One model call; an out-of-memory batch is split in halves and retried, never dropped."""
+        """One synchronous model call; an out-of-memory batch is split in halves and retried."""
         try:
-            results = self.runner.transcribe([r.audio for r in batch], [r.options for r in batch])
+            results = self.runner.launch([r.audio for r in batch], [r.options for r in batch]).result()
         except Exception as exc:
-            # Matched by name so this module stays free of torch (torch.OutOfMemoryError).
-            if type(exc).__name__ != "OutOfMemoryError" or len(batch) == 1:
+            if not _is_oom(exc) or len(batch) == 1:
                 raise
-            mid = len(batch) // 2
-            log.warning("out of memory on a batch of %d; splitting and retrying", len(batch))
-            self.metrics.batch_splits.inc()
-            return self._call(batch[:mid]) + self._call(batch[mid:])
+            return self._split(batch)
         if len(results) != len(batch):
             raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} items")
         return results
 
-    def _run(self, batch: Sequence[Request]) -> None:
+    def _split(self, batch: Sequence[Request]) -> list[Transcript]:
+        mid = len(batch) // 2
+        log.warning("out of memory on a batch of %d; splitting and retrying", len(batch))
+        self.metrics.batch_splits.inc()
+        return self._call(batch[:mid]) + self._call(batch[mid:])
+
+    def _launch(self, batch: list[Request]) -> _InFlight | None:
         start = time.monotonic()
         for r in batch:
             self.metrics.queue_wait.labels(r.kind.name.lower()).observe(start - r.enqueued)
         try:
-            results = self._call(batch)
+            launched = self.runner.launch([r.audio for r in batch], [r.options for r in batch])
         except Exception as exc:  # noqa: BLE001 - a failed batch must fail its requests, not the worker
-            log.exception("model call failed for a batch of %d", len(batch))
-            for r in batch:
-                self._resolve(r, exc=exc)
+            if _is_oom(exc) and len(batch) > 1:
+                # Out of memory while queueing: retry in halves now, synchronously.
+                try:
+                    launched = Launched.done(self._split(batch))
+                except Exception as exc2:  # noqa: BLE001
+                    self._fail(batch, exc2)
+                    return None
+            else:
+                self._fail(batch, exc)
+                return None
+        return _InFlight(batch, launched, start)
+
+    def _collect(self, inflight: _InFlight) -> None:
+        batch = inflight.batch
+        try:
+            try:
+                results = inflight.launched.result()
+            except Exception as exc:
+                if not _is_oom(exc) or len(batch) == 1:
+                    raise
+                results = self._split(batch)
+            if len(results) != len(batch):
+                raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} items")
+        except Exception as exc:  # noqa: BLE001 - a failed batch must fail its requests, not the worker
+            self._fail(batch, exc)
             return
-        took = time.monotonic() - start
+        took = time.monotonic() - inflight.start
         audio_s = sum(r.seconds for r in batch)
         self.batches_run += 1
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_audio_seconds.observe(audio_s)
         self.metrics.model_seconds.observe(took)
+        for stage, seconds in inflight.launched.stages.items():
+            self.metrics.stage_seconds.labels(stage).inc(seconds)
         if audio_s > 0:
             self.metrics.rtf.observe(took / audio_s)
         for r, res in zip(batch, results):
             self._resolve(r, result=res)
+
+    def _fail(self, batch: Sequence[Request], exc: BaseException) -> None:
+        log.error("model call failed for a batch of %d: %s: %s", len(batch), type(exc).__name__, exc, exc_info=exc)
+        for r in batch:
+            self._resolve(r, exc=exc)
 
     def _resolve(self, req: Request, result: Transcript | None = None, exc: BaseException | None = None) -> None:
         loop = self._loop

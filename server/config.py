@@ -59,6 +59,13 @@ class WhisperConfig:
         "~224 tokens of text; 128 covers fast speech over the segment lengths the server cuts).",
     )
     suppress_blank: bool = knob(True, "Forbid a space or end-of-text as the first token (as OpenAI's decoder does).")
+    eot_check_interval: int = knob(
+        0, "Greedy steps between checks of 'has every row ended?'. Each check reads a flag back "
+        "from the device: on a GPU that is a sync that stalls the host until queued work drains, "
+        "so checking every step serialises the decoder. A larger interval runs at most "
+        "interval-1 extra steps per batch (ended rows are pinned to end-of-text; results are "
+        "identical). 0 = automatic: 1 on CPU (where the check is free), 8 on CUDA.",
+    )
 
 
 @dataclass(frozen=True)
@@ -270,8 +277,12 @@ def validate(cfg: Config) -> None:
         problems.append("vad.frame_ms must be 10, 20 or 30")
     if not 0 <= cfg.vad.aggressiveness <= 3:
         problems.append("vad.aggressiveness must be 0..3")
+    if cfg.server.max_outgoing_messages < 1:
+        problems.append("server.max_outgoing_messages must be >= 1 (it bounds a slow client's backlog)")
     if cfg.server.max_pending_finals < 1:
         problems.append("server.max_pending_finals must be >= 1")
+    if cfg.runner.whisper.eot_check_interval < 0:
+        problems.append("runner.whisper.eot_check_interval must be >= 0 (0 = automatic)")
     if cfg.batcher.max_batch_size < 1:
         problems.append("batcher.max_batch_size must be >= 1")
     if list(cfg.batcher.length_buckets_s) != sorted(cfg.batcher.length_buckets_s):

@@ -6,7 +6,7 @@ run several servers in one process without duplicate-registration errors.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
@@ -51,6 +51,20 @@ class Metrics:
         self.batch_splits = Counter("chorus_batch_splits", "Batches split in halves after running out of device memory.", registry=r)
         self.queue_depth = Gauge("chorus_batcher_queue_depth", "Requests waiting in the batcher.", registry=r)
         self.model_ready = Gauge("chorus_model_ready", "1 once the model is loaded and warm.", registry=r)
+        self.stage_seconds = Counter(
+            "chorus_stage_seconds",
+            "Time spent per stage of the data path: decode (audio decode + resample), vad, and send "
+            "(socket writes, including waits on a full socket buffer) on the event loop; features, encoder, decoder, "
+            "model and postprocess in the batcher's worker (device time on GPU, measured with events).",
+            ["stage"], registry=r,
+        )
+        self.event_loop_lag = Histogram(
+            "chorus_event_loop_lag_seconds",
+            "How late the event loop woke a 100 ms timer: time other callbacks held the loop.",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0), registry=r,
+        )
+        # process_cpu_seconds_total etc., so the stage times can be set against the whole process.
+        ProcessCollector(registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -93,17 +93,25 @@ class Session:
         self._last_final_id = -1  # finals go out in segment order, so one number suffices
         self._closed = False
         self._stopping = False
+        self._decode_seconds = metrics.stage_seconds.labels("decode")
+        self._vad_seconds = metrics.stage_seconds.labels("vad")
 
     # ------------------------------------------------------------------ input
     def feed_audio(self, data: bytes) -> None:
         """Decode, resample and endpoint one binary message. Raises AudioFormatError on bad bytes."""
         if self._closed or self._stopping:
             return
+        t0 = time.perf_counter()
         samples = decode(data, self.stream.encoding)
         if self.resampler is not None:
             samples = self.resampler.process(samples)
+        t1 = time.perf_counter()
+        events = self.endpointer.feed(samples)
+        t2 = time.perf_counter()
+        self._decode_seconds.inc(t1 - t0)
+        self._vad_seconds.inc(t2 - t1)
         self.metrics.audio_seconds.inc(len(samples) / 16000.0)
-        self._handle(self.endpointer.feed(samples))
+        self._handle(events)
         self._maybe_request_partial()
 
     async def backpressure(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from server.batcher import BatcherStopped, Kind, MicroBatcher
 from server.config import BatcherConfig, RunnerConfig
 from server.metrics import Metrics
-from server.runners.base import ItemOptions, ModelRunner, Transcript
+from server.runners.base import ItemOptions, Launched, ModelRunner, Transcript
 
 
 class RecordingRunner(ModelRunner):
@@ -232,3 +233,79 @@ def test_final_supersedes_the_sessions_waiting_partial():
     r, (_, partial, final) = run(main())
     assert partial is None and final.text == "24000"
     assert [16000] not in r.batches  # the stale partial never ran
+
+
+class DeviceRunner(ModelRunner):
+    """Stands in for a CUDA runner: `launch` queues the batch on a one-thread 'device' (stream
+    order) and returns at once; `result()` waits for it. Records launches and collections."""
+
+    name = "device"
+
+    def __init__(self, asynchronous: bool, device_s: float = 0.05, fail_at_result=None) -> None:
+        super().__init__(RunnerConfig())
+        self.asynchronous = asynchronous
+        self.device_s = device_s
+        self.fail_at_result = fail_at_result
+        self.stream = ThreadPoolExecutor(1)
+        self.log: list[tuple[str, int]] = []
+        self.gate = threading.Event()
+
+    def load(self) -> None:
+        pass
+
+    def transcribe(self, audios, options):
+        return self.launch(audios, options).result()
+
+    def launch(self, audios, options):
+        self.gate.wait(5)
+        lengths = [len(a) for a in audios]
+        self.log.append(("launch", lengths[0]))
+        work = self.stream.submit(lambda: (time.sleep(self.device_s), lengths)[1])
+
+        def finish():
+            got = work.result()
+            self.log.append(("collect", got[0]))
+            if self.fail_at_result and self.fail_at_result(got):
+                raise RuntimeError("device fault")
+            return [Transcript(text=str(n)) for n in got]
+
+        return Launched(finish)
+
+
+def _pipeline(runner: DeviceRunner, n: int):
+    async def main():
+        b = make(runner, max_batch_size=1, batch_wait_ms=1.0)
+        b.start(asyncio.get_running_loop())
+        futs = [b.submit(np.zeros(16000 + i, np.float32), ItemOptions(), Kind.FINAL, f"s{i}") for i in range(n)]
+        runner.gate.set()  # everything is queued before the first launch returns
+        res = await asyncio.gather(*futs, return_exceptions=True)
+        b.stop()
+        return res
+
+    return run(main())
+
+
+def test_asynchronous_runner_overlaps_next_launch_with_running_batch():
+    """With an asynchronous runner the batcher launches batch N+1 before it collects batch N,
+    and still delivers results in order."""
+    r = DeviceRunner(asynchronous=True)
+    res = _pipeline(r, 4)
+    assert [t.text for t in res] == [str(16000 + i) for i in range(4)]
+    assert r.log == [("launch", 16000), ("launch", 16001), ("collect", 16000), ("launch", 16002),
+                     ("collect", 16001), ("launch", 16003), ("collect", 16002), ("collect", 16003)]
+
+
+def test_synchronous_runner_collects_each_batch_before_the_next():
+    """On CPU launching the next batch would run it, delaying this one's results: no overlap."""
+    r = DeviceRunner(asynchronous=False)
+    res = _pipeline(r, 3)
+    assert [t.text for t in res] == [str(16000 + i) for i in range(3)]
+    assert r.log == [("launch", 16000), ("collect", 16000), ("launch", 16001), ("collect", 16001),
+                     ("launch", 16002), ("collect", 16002)]
+
+
+def test_failure_while_collecting_fails_only_that_batch():
+    r = DeviceRunner(asynchronous=True, fail_at_result=lambda lengths: 16001 in lengths)
+    res = _pipeline(r, 3)
+    assert res[0].text == "16000" and res[2].text == "16002"
+    assert isinstance(res[1], RuntimeError) and "device fault" in str(res[1])

@@ -89,6 +89,26 @@ def test_sensevoice_graphs_equal_eager_for_every_bucket(sv_dir):
             assert [x.fields["tokens"] for x in e] == [x.fields["tokens"] for x in g]
 
 
+def test_sensevoice_launches_in_flight_together_keep_their_own_results(sv_dir):
+    """What the batcher does on CUDA: launch batch B (same graph bucket as A) before collecting
+    A. A's results must be A's: its device->host copy is queued ahead of B's replay, which
+    overwrites the bucket's static outputs."""
+    runner = _sv(sv_dir, True)
+    assert runner.asynchronous
+    clips = [read_clip(c) for c in CLIPS]
+    a_items = [c[: 3 * 16000] for c in clips[:3]]
+    b_items = [c[16000 : 4 * 16000] for c in reversed(clips[-3:])]
+    opts = [ItemOptions("en")] * 3
+    a_alone = runner.transcribe(a_items, opts)
+    b_alone = runner.transcribe(b_items, opts)
+    a = runner.launch(a_items, opts)
+    b = runner.launch(b_items, opts)
+    a_res, b_res = a.result(), b.result()
+    assert [x.fields["tokens"] for x in a_res] == [x.fields["tokens"] for x in a_alone]
+    assert [x.fields["tokens"] for x in b_res] == [x.fields["tokens"] for x in b_alone]
+    assert set(a.stages) == {"features", "model", "postprocess"} and a.stages["model"] > 0
+
+
 def test_sensevoice_half_precision_token_agreement(sv_dir):
     """Random weights: fp16 must pick the same token on >= 95% of frames' collapsed tokens."""
     full, half = _sv(sv_dir, True), _sv(sv_dir, True, "float16")

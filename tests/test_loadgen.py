@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from client_demo.loadgen import assign_finals, holds_target, largest_within, mean_batch_size, run_load, svg_plot
+from client_demo.loadgen import (
+    _scrape, assign_finals, holds_target, largest_within, markdown, mean_batch_size, run_load, svg_plot, time_breakdown,
+)
 from client_demo.pacing import SendClock, percentile
 from tests.serverharness import CLIPS, ServerThread, make_config
 
@@ -40,6 +42,10 @@ def test_target_and_largest_n():
     assert holds_target(rows[1], 1000) and not holds_target(rows[2], 2000) and not holds_target(row(1, None), 1000)
     assert largest_within(rows, 1000) == 2
     assert largest_within(rows, 100) == 0
+    # The GPU target also bounds the cadence of partials.
+    fast, slow = dict(row(1, 200), partial_gap_ms={"p95": 550}), dict(row(2, 250), partial_gap_ms={"p95": 900})
+    assert holds_target(fast, 300, 600) and not holds_target(slow, 300, 600) and holds_target(slow, 300)
+    assert largest_within([fast, slow], 300, 600) == 1
 
 
 def test_mean_batch_size_and_svg():
@@ -53,8 +59,23 @@ def test_mean_batch_size_and_svg():
 def test_short_real_load_run(whisper_runner):
     cfg = make_config(**{"batcher.partial_interval_ms": 1000})
     with ServerThread(cfg, whisper_runner) as srv:
+        before = _scrape(srv.url)
         summary = asyncio.run(run_load(srv.url, sessions=2, duration=6.0, clips=[str(c) for c in CLIPS], latency_target_ms=5000))
+        after = _scrape(srv.url)
     assert summary["sessions"] == 2 and summary["errors"] == 0 and summary["lost_finals"] == 0
     assert summary["finals"] >= 2
     assert summary["final_latency_ms"]["p50"] is not None and summary["final_latency_ms"]["p50"] > 0
     assert summary["wer"] is not None and summary["wer"] <= 0.1
+    # Where the time went, from the server's own /metrics around the run.
+    t = time_breakdown(before, after)
+    assert 11.0 <= t["audio_s"] <= 20.0, t  # 2 sessions x at least 6 s
+    ms = t["ms_per_audio_s"]
+    assert {"decode", "vad", "send", "features", "encoder", "decoder", "postprocess", "process_cpu"} <= set(ms), ms
+    # Whisper on this CPU costs hundreds of ms per audio second; the event-loop stages a few.
+    assert ms["encoder"] + ms["decoder"] > 10 * (ms["decode"] + ms["vad"]), ms
+    assert ms["process_cpu"] > ms["encoder"], ms
+    assert t["loop_lag_p99_ms"] is not None
+    summary["time"] = t
+    report = markdown({"as configured": [summary]}, 5000, "loadgen test", 6.0, partial_gap_ms=None)
+    table = report.split("Where the server's time went")[1]
+    assert "| encoder |" in table and "| process_cpu |" in table

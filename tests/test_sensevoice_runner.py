@@ -94,6 +94,17 @@ def test_transcribes_real_clips(runner: SenseVoiceRunner, clips: list[np.ndarray
         assert r.language == "en" or r.language in LANGUAGE_IDS
 
 
+def test_launch_reports_stages_and_is_synchronous_on_cpu(runner: SenseVoiceRunner, clips: list[np.ndarray]) -> None:
+    """On CPU `launch` does the work itself (the batcher must not overlap batches); `result()`
+    gives what `transcribe` gives, with the time of each stage."""
+    assert runner.asynchronous is False
+    opts = [ItemOptions(language="en")] * 2
+    launched = runner.launch(clips[:2], opts)
+    assert tokens(launched.result()) == tokens(runner.transcribe(clips[:2], opts))
+    assert set(launched.stages) == {"features", "model", "postprocess"}
+    assert launched.stages["model"] > launched.stages["postprocess"] > 0
+
+
 def test_mixed_length_batch_equals_one_at_a_time(runner: SenseVoiceRunner, clips: list[np.ndarray]) -> None:
     audios = clips + [clips[0][:8000], clips[1][:16000 * 3 + 77]]
     opts = [ItemOptions(language="auto")] * len(audios)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import numpy as np
 import pytest
@@ -84,6 +85,11 @@ def test_concurrent_clips_faster_than_real_time(srv):
     total = float(next(l.split()[1] for l in text.splitlines() if l.startswith("chorus_batch_size_sum")))
     le1 = float(next(l.split()[1] for l in text.splitlines() if l.startswith('chorus_batch_size_bucket{le="1.0"}')))
     assert count > 0 and total / count > 1.0 and le1 < count, "no batch larger than one"
+    # Where the time goes: every stage of the data path is accounted for.
+    stages = {m.group(1): float(m.group(2)) for m in re.finditer(r'^chorus_stage_seconds_total\{stage="(\w+)"\} (\S+)$', text, re.M)}
+    assert {"decode", "vad", "send", "features", "encoder", "decoder", "postprocess"} <= {k for k, v in stages.items() if v > 0}, stages
+    lag_count = float(re.search(r"^chorus_event_loop_lag_seconds_count (\S+)$", text, re.M).group(1))
+    assert lag_count > 0 and re.search(r"^process_cpu_seconds_total \S+$", text, re.M)
 
 
 def test_disconnect_mid_segment_frees_resources_and_spares_others(srv):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -156,3 +157,18 @@ def test_static_decoder_steps_equal_eager(whisper_runner, clips):
         whisper_runner.steps = None
     assert [r.fields["tokens"] for r in static] == [r.fields["tokens"] for r in eager]
     assert single[0].fields["tokens"] == eager[0].fields["tokens"]
+
+
+def test_sparse_end_of_text_checks_give_identical_results(whisper_runner, clips):
+    """Checking 'every row ended?' only every 8th step (the GPU default: each check is a device
+    sync) runs a few extra steps on ended rows but must not change a token or a score."""
+    every_step = whisper_runner.transcribe(clips[:3], [ItemOptions()] * 3)
+    base = whisper_runner.config
+    whisper_runner.config = dataclasses.replace(
+        base, whisper=dataclasses.replace(base.whisper, eot_check_interval=8))
+    try:
+        sparse = whisper_runner.transcribe(clips[:3], [ItemOptions()] * 3)
+    finally:
+        whisper_runner.config = base
+    assert [(r.text, r.fields) for r in sparse] == [(r.text, r.fields) for r in every_step]
+    assert set(whisper_runner.last_stages) == {"features", "encoder", "decoder", "postprocess"}

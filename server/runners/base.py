@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
@@ -46,6 +46,24 @@ class RunnerError(RuntimeError):
     """A model cannot be loaded or run; the message says what to do about it."""
 
 
+class Launched:
+    """A batch whose device work has been queued: `result()` waits for it (one device sync)
+    and does the host-side post-processing. Call `result()` exactly once."""
+
+    def __init__(self, finish: Callable[[], list[Transcript]]) -> None:
+        self._finish = finish
+        self.stages: dict[str, float] = {}
+        """Seconds this batch spent per stage (e.g. features, model, decode), filled in by
+        `result()` where the runner measures them; exported as chorus_stage_seconds."""
+
+    @classmethod
+    def done(cls, results: list[Transcript]) -> "Launched":
+        return cls(lambda: results)
+
+    def result(self) -> list[Transcript]:
+        return self._finish()
+
+
 class ModelRunner(abc.ABC):
     """Base of every model family's runner."""
 
@@ -56,6 +74,9 @@ class ModelRunner(abc.ABC):
 
     def __init__(self, config: RunnerConfig) -> None:
         self.config = config
+        self.asynchronous = False
+        """True when `launch` returns while the device still works (CUDA), so the batcher can
+        prepare and queue the next batch before collecting this one. Set by `load`."""
 
     @abc.abstractmethod
     def load(self) -> None:
@@ -64,6 +85,12 @@ class ModelRunner(abc.ABC):
     @abc.abstractmethod
     def transcribe(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[Transcript]:
         """Recognise a batch of float32 mono 16 kHz arrays of any lengths; one result per item."""
+
+    def launch(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> Launched:
+        """Queue a batch's device work and return without waiting for it, where the device
+        allows. The default runs `transcribe` now; runners with a one-sync-per-batch device
+        path override it (and set `asynchronous` on CUDA)."""
+        return Launched.done(self.transcribe(audios, options))
 
     def describe(self) -> dict[str, Any]:
         """Facts for logs, /healthz and `chorus doctor`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -32,3 +33,33 @@ def resolve_dtype(config: RunnerConfig, device: torch.device) -> torch.dtype:
         # Half precision on CPU is slower than fp32 and loses accuracy; refuse instead of surprising.
         raise RunnerError(f"runner.dtype={config.dtype} needs a CUDA device; use float32 on CPU")
     return dtype
+
+
+class StageClock:
+    """Times consecutive stages of one batch (features, model, ...) without adding syncs.
+
+    On CUDA each `mark` records a timing event on the current stream; durations are read
+    in `stages()`, which should run after the batch's one device sync (it waits for the
+    last mark otherwise). On CPU marks are wall-clock readings."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._marks: list[tuple[str, object]] = []
+
+    def mark(self, name: str) -> None:
+        """The stage called `name` ends here (the first mark only starts the clock)."""
+        if self._cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._marks.append((name, ev))
+        else:
+            self._marks.append((name, time.perf_counter()))
+
+    def stages(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self._cuda and self._marks:
+            self._marks[-1][1].synchronize()  # type: ignore[attr-defined] # free after the batch's sync
+        for (_, a), (name, b) in zip(self._marks, self._marks[1:]):
+            secs = a.elapsed_time(b) / 1000.0 if self._cuda else b - a  # type: ignore[union-attr,operator]
+            out[name] = out.get(name, 0.0) + secs
+        return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -30,6 +31,11 @@ log = logging.getLogger(__name__)
 _CLOSE_NORMAL = 1000
 _CLOSE_POLICY = 1008
 _CLOSE_INTERNAL = 1011
+# A close handshake needs the client to read what is queued before the close frame; one that
+# has not completed in this long (a client that stopped reading) is ended by aborting the TCP
+# connection, so a stalled client cannot hold its session slot.
+_CLOSE_GRACE_S = 5.0
+_SLOW_CONSUMER = "slow_consumer: client is not reading results"
 
 
 class NativeConnection:
@@ -42,6 +48,10 @@ class NativeConnection:
         self.session: Session | None = None
         self.outbox: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self.cfg.max_outgoing_messages)
         self._kicked = False
+        self._writing: asyncio.Task | None = None
+        self._kick_close: asyncio.Task | None = None
+        # Includes waiting for a full socket buffer, so a slow reader shows up here too.
+        self._send_seconds = app.metrics.stage_seconds.labels("send")
 
     # ------------------------------------------------------------------ SessionOutput
     def on_speech_started(self, segment_id: int, start_ms: int) -> None:
@@ -64,11 +74,21 @@ class NativeConnection:
         try:
             self.outbox.put_nowait(text)
         except asyncio.QueueFull:
-            # The client is not reading: cut it loose rather than hold its backlog (and stall nobody else).
-            self._kicked = True
-            log.warning("session %s: client fell %d messages behind; closing 1008", self._sid(), self.outbox.maxsize)
-            self.app.metrics.errors.labels("slow_consumer").inc()
-            asyncio.get_running_loop().create_task(self.ws.close(_CLOSE_POLICY, "slow_consumer: client is not reading results"))
+            self._kick()
+
+    def _kick(self) -> None:
+        """The client is not reading: cut it loose rather than hold its backlog. Its session
+        stops now (no more model work for results nobody reads), the read loop ends at its
+        next message, and the connection closes with 1008 or, if the client does not take
+        the close frame within the grace period, is aborted (which also ends the read loop)."""
+        self._kicked = True
+        log.warning("session %s: client fell %d messages behind; closing 1008", self._sid(), self.outbox.maxsize)
+        self.app.metrics.errors.labels("slow_consumer").inc()
+        if self.session is not None:
+            self.session.close()
+        if self._writing is not None:
+            self._writing.cancel()  # it is stuck on the full socket; the close frame goes next
+        self._kick_close = asyncio.get_running_loop().create_task(self._close(_CLOSE_POLICY, _SLOW_CONSUMER))
 
     async def _writer(self) -> None:
         try:
@@ -76,7 +96,9 @@ class NativeConnection:
                 text = await self.outbox.get()
                 if text is None:
                     return
+                t0 = time.perf_counter()
                 await self.ws.send(text)
+                self._send_seconds.inc(time.perf_counter() - t0)
         except ConnectionClosed:
             return
 
@@ -85,7 +107,7 @@ class NativeConnection:
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
-        writer = asyncio.create_task(self._writer())
+        writer = self._writing = asyncio.create_task(self._writer())
         close_code, reason = _CLOSE_NORMAL, ""
         try:
             close_code, reason = await self._serve()
@@ -98,15 +120,26 @@ class NativeConnection:
         finally:
             if self.session is not None:
                 self.session.close()
+        if self._kick_close is not None:
+            writer.cancel()
+            await self._kick_close
+            return
         # Let queued messages (finals, done, errors) reach the client before closing.
-        if not self._kicked:
-            try:
-                self.outbox.put_nowait(None)
-                await asyncio.wait_for(writer, timeout=5.0)
-            except (asyncio.QueueFull, asyncio.TimeoutError):
-                pass
+        try:
+            self.outbox.put_nowait(None)
+            await asyncio.wait_for(writer, timeout=_CLOSE_GRACE_S)
+        except (asyncio.QueueFull, asyncio.TimeoutError):
+            pass
         writer.cancel()
-        await self.ws.close(close_code, reason)
+        await self._close(close_code, reason)
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(self.ws.close(code, reason), timeout=_CLOSE_GRACE_S)
+        except asyncio.TimeoutError:
+            log.warning("session %s: close handshake not completed in %g s; aborting the connection",
+                        self._sid(), _CLOSE_GRACE_S)
+            self.ws.transport.abort()
 
     def _start(self, fields: dict) -> None:
         stream = native.build_config(
@@ -132,7 +165,7 @@ class NativeConnection:
             self.on_error(e.code, e.message, True)
             return _CLOSE_POLICY, e.code
 
-        while True:
+        while not self._kicked:
             if self.session is not None:
                 await self.session.backpressure()
             try:
@@ -146,6 +179,7 @@ class NativeConnection:
                     return done
             else:
                 self._on_audio(message)
+        return _CLOSE_POLICY, _SLOW_CONSUMER
 
     async def _on_text(self, text: str) -> tuple[int, str] | None:
         try:

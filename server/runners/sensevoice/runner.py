@@ -1,9 +1,10 @@
 """SenseVoiceRunner: SenseVoiceSmall through funasr's modules with a batched torch frontend.
 
 Per batch: one padded waveform tensor goes to the device, the frontend (fbank -> LFR ->
-CMVN) runs there for all rows at once, SenseVoiceCore runs (bucketed / CUDA graphs when
-server.graphs provides them), one device->host copy brings back argmax ids and lengths,
-and the CTC collapse and sentencepiece decoding happen on the CPU per row.
+CMVN) runs there for all rows at once, SenseVoiceCore runs (bucketed / CUDA graphs from
+server.graphs), one device->host copy brings back argmax ids and lengths, and the CTC
+collapse and sentencepiece decoding happen on the CPU per row. `launch` queues all device
+work and returns; `Launched.result()` does the batch's single device sync and the host side.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 
 from server.config import RunnerConfig
 from server.features.fbank import BatchFrontend, FbankOptions, load_cmvn, pad_waveforms
-from server.runners.base import ItemOptions, ModelRunner, RunnerError, Transcript
-from server.runners.device import resolve_device, resolve_dtype
+from server.runners.base import ItemOptions, Launched, ModelRunner, RunnerError, Transcript
+from server.runners.device import StageClock, resolve_device, resolve_dtype
 from server.runners.sensevoice.core import NUM_QUERY_FRAMES, SenseVoiceCore
 from server.runners.sensevoice.model_dir import ModelFiles, resolve_model_dir
 
@@ -170,6 +171,9 @@ class SenseVoiceRunner(ModelRunner):
         self.model = model
         self.core = SenseVoiceCore(model).eval()
         self._forward = self._route_through_graphs(self.core, opts.output_size)
+        # One sync per batch and nothing on the host between launch and result: on CUDA the
+        # batcher may queue the next batch before collecting this one.
+        self.asynchronous = self.device.type == "cuda"
         log.info(
             "sensevoice: %s (%.1f M params) on %s/%s, %s forward, loaded in %.1f s",
             files.root, self._num_params / 1e6, self.device, self.config.dtype, self._graph_mode,
@@ -179,15 +183,9 @@ class SenseVoiceRunner(ModelRunner):
             self._warmup()
 
     def _route_through_graphs(self, core: SenseVoiceCore, feat_dim: int) -> Callable[..., Any]:
-        """BucketedRunner from server.graphs (eager on CPU, CUDA graphs on GPU when enabled).
+        """BucketedRunner from server.graphs (eager on CPU, CUDA graphs on GPU when enabled)."""
+        from server.graphs import BucketedRunner, BucketTable, InputSpec
 
-        HOOK: while server/graphs.py does not exist, the core is called eagerly.
-        """
-        try:
-            from server.graphs import BucketedRunner, BucketTable, InputSpec
-        except ImportError:
-            log.info("server.graphs not available: SenseVoiceCore runs eagerly")
-            return core
         g = self.config.graphs
         assert self.device is not None and self.dtype is not None
         runner = BucketedRunner(
@@ -229,26 +227,55 @@ class SenseVoiceRunner(ModelRunner):
         return langs, norms
 
     @torch.inference_mode()
-    def infer_ids(
-        self, audios: Sequence[np.ndarray], lang_ids: Sequence[int], textnorm_ids: Sequence[int]
-    ) -> list[np.ndarray]:
-        """Collapsed CTC token ids per item (items must be at least one frame long)."""
+    def _launch_ids(
+        self, audios: Sequence[np.ndarray], lang_ids: Sequence[int], textnorm_ids: Sequence[int], clock: StageClock
+    ) -> Callable[[], list[np.ndarray]]:
+        """Queue one batch on the device; the returned function waits for it (the batch's one
+        device sync) and gives the collapsed CTC token ids per item. Items must be at least
+        one frame long."""
         if self.frontend is None or self._forward is None:
             raise RunnerError("SenseVoiceRunner.load() has not been called")
         waves, lengths = pad_waveforms(list(audios))
         # Two host->device copies per batch: the waveforms, and lengths + query ids together.
         meta = torch.stack([lengths, torch.tensor(list(lang_ids)), torch.tensor(list(textnorm_ids))])
-        if self.device is not None and self.device.type == "cuda":
+        cuda = self.device is not None and self.device.type == "cuda"
+        if cuda:
+            # Pinned sources make the copies truly asynchronous; the caching host allocator
+            # keeps the buffers alive until the copies are done.
             waves, meta = waves.pin_memory(), meta.pin_memory()
+        clock.mark("start")
         waves = waves.to(self.device, non_blocking=True)
         lengths_d, lang, norm = meta.to(self.device, non_blocking=True).unbind(0)
         feats, feat_lens = self.frontend(waves, lengths_d)
+        clock.mark("features")
         ids, out_lens = self._forward(feats.to(self.dtype), feat_lens, lang, norm)
-        # One device->host copy for the whole batch: ids with the lengths as a last column.
-        host = torch.cat([ids[: len(audios)], out_lens[: len(audios), None].to(ids.dtype)], dim=1).cpu().numpy()
-        return [ctc_collapse(row[: int(row[-1])]) for row in host]
+        # One device->host copy for the whole batch: ids with the lengths as a last column. It is
+        # queued now (into pinned memory on CUDA) so that a later batch's replay of the same
+        # graph, queued behind it on the stream, cannot overwrite the outputs first.
+        packed = torch.cat([ids[: len(audios)], out_lens[: len(audios), None].to(ids.dtype)], dim=1)
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=cuda)
+        host.copy_(packed, non_blocking=True)
+        clock.mark("model")
+        done = torch.cuda.Event() if cuda else None
+        if done is not None:
+            done.record()
+
+        def wait() -> list[np.ndarray]:
+            if done is not None:
+                done.synchronize()
+            rows = host.numpy()
+            return [ctc_collapse(row[: int(row[-1])]) for row in rows]
+
+        return wait
+
+    def infer_ids(self, audios: Sequence[np.ndarray], lang_ids: Sequence[int], textnorm_ids: Sequence[int]) -> list[np.ndarray]:
+        """Collapsed CTC token ids per item, synchronously (tests compare them with funasr's)."""
+        return self._launch_ids(audios, lang_ids, textnorm_ids, StageClock(self.device or torch.device("cpu")))()
 
     def transcribe(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[Transcript]:
+        return self.launch(audios, options).result()
+
+    def launch(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> Launched:
         if len(audios) != len(options):
             raise RunnerError(f"{len(audios)} audios but {len(options)} option sets")
         if self.frontend is None:
@@ -262,23 +289,35 @@ class SenseVoiceRunner(ModelRunner):
             for _ in audios
         ]
         if not live:
-            return results
-        token_rows = self.infer_ids(
-            [audios[i] for i in live], [lang_ids[i] for i in live], [norm_ids[i] for i in live]
+            return Launched.done(results)
+        clock = StageClock(self.device or torch.device("cpu"))
+        wait = self._launch_ids(
+            [audios[i] for i in live], [lang_ids[i] for i in live], [norm_ids[i] for i in live], clock
         )
-        for i, tokens in zip(live, token_rows):
-            token_list = tokens.tolist()
-            raw = self._sp.decode(token_list)
-            text, tags = parse_rich_text(raw)
-            forced = options[i].language if options[i].language not in ("auto", "nospeech") else None
-            detected = tags["language"] if tags["language"] != "nospeech" else None
-            results[i] = Transcript(
-                text=text,
-                language=detected or forced,
-                fields={"emotion": tags["emotion"], "event": tags["event"], "raw_text": raw, "tokens": token_list,
-                        "nospeech": tags["language"] == "nospeech"},
-            )
-        return results
+
+        def finish() -> list[Transcript]:
+            token_rows = wait()
+            post_start = time.perf_counter()
+            for i, tokens in zip(live, token_rows):
+                results[i] = self._to_transcript(tokens, options[i])
+            launched.stages = {**clock.stages(), "postprocess": time.perf_counter() - post_start}
+            return results
+
+        launched = Launched(finish)
+        return launched
+
+    def _to_transcript(self, tokens: np.ndarray, option: ItemOptions) -> Transcript:
+        token_list = tokens.tolist()
+        raw = self._sp.decode(token_list)
+        text, tags = parse_rich_text(raw)
+        forced = option.language if option.language not in ("auto", "nospeech") else None
+        detected = tags["language"] if tags["language"] != "nospeech" else None
+        return Transcript(
+            text=text,
+            language=detected or forced,
+            fields={"emotion": tags["emotion"], "event": tags["event"], "raw_text": raw, "tokens": token_list,
+                    "nospeech": tags["language"] == "nospeech"},
+        )
 
     # ------------------------------------------------------------------ facts
 

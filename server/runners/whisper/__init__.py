@@ -12,8 +12,8 @@ import torch
 
 from server.config import RunnerConfig
 from server.features.logmel import LogMel
-from server.runners.base import ItemOptions, ModelRunner, RunnerError, Transcript
-from server.runners.device import resolve_device, resolve_dtype
+from server.runners.base import ItemOptions, Launched, ModelRunner, RunnerError, Transcript
+from server.runners.device import StageClock, resolve_device, resolve_dtype
 from server.runners.whisper import assets
 from server.runners.whisper.ct2 import read_ct2
 from server.runners.whisper.model import Whisper, build_from_ct2
@@ -45,6 +45,7 @@ class WhisperRunner(ModelRunner):
         self.dtype = torch.float32
         self.encoder = None  # callable mel -> enc; a BucketedRunner on GPU with graphs
         self.steps: StaticDecoderSteps | None = None  # decoder step graphs on GPU with graphs
+        self.last_stages: dict[str, float] = {}  # stage seconds of the last transcribe call
 
     # ------------------------------------------------------------------ load
     def load(self) -> None:
@@ -148,21 +149,41 @@ class WhisperRunner(ModelRunner):
                 results[i] = Transcript("", lang, {"no_speech_prob": 1.0, "avg_logprob": 0.0, "tokens": []})
             else:
                 work.append(i)
+        self.last_stages = {}
         if work:
             with torch.inference_mode():
                 for i, t in zip(work, self._decode([audios[i] for i in work], [options[i] for i in work])):
                     results[i] = t
         return [r for r in results if r is not None]
 
+    def launch(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> Launched:
+        # Greedy decoding is host-driven (the loop ends when every row has), so the batch runs
+        # to completion here and `asynchronous` stays False: queueing the next batch first
+        # would make this one's decoder wait behind it.
+        launched = Launched.done(self.transcribe(audios, options))
+        launched.stages = self.last_stages
+        return launched
+
+    def _eot_interval(self) -> int:
+        n = self.config.whisper.eot_check_interval
+        return n if n > 0 else (8 if self.device.type == "cuda" else 1)
+
     def _decode(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[Transcript]:
         assert self.model is not None and self.tokenizer is not None and self.encoder is not None
         tk, model, cfg = self.tokenizer, self.model, self.config.whisper
         dev = self.device
         b = len(audios)
-        audio = self.logmel.pad_batch(audios).to(dev, non_blocking=True)
+        clock = StageClock(dev)
+        audio = self.logmel.pad_batch(audios)
+        if dev.type == "cuda":
+            audio = audio.pin_memory()
+        clock.mark("start")
+        audio = audio.to(dev, non_blocking=True)
         mel = self.logmel(audio).to(self.dtype)
+        clock.mark("features")
         enc = self.encoder(mel)
         cross = model.cross_kv(enc)
+        clock.mark("encoder")
         max_len = self._max_len()
         bucket = self.steps.bucket_for(b) if self.steps is not None else None
         if bucket is not None:
@@ -189,6 +210,7 @@ class WhisperRunner(ModelRunner):
         finished = torch.zeros(b, dtype=torch.bool, device=dev)
         sum_logprob = torch.zeros(b, dtype=torch.float32, device=dev)
         n_tokens = torch.zeros(b, dtype=torch.long, device=dev)
+        check_every = self._eot_interval()
         for step in range(max_len - offset):
             mask = self._suppress_begin if step == 0 else self._suppress
             logits = logits.masked_fill(mask, float("-inf"))
@@ -201,7 +223,7 @@ class WhisperRunner(ModelRunner):
             n_tokens += (~finished & ~now_done).long()
             finished |= now_done
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            if bool(finished.all()) or offset + 1 > max_len - 1:
+            if offset + 1 > max_len - 1 or ((step + 1) % check_every == 0 and bool(finished.all())):
                 break
             if bucket is not None:
                 logits = self.steps.step(bucket, nxt, offset)
@@ -214,6 +236,8 @@ class WhisperRunner(ModelRunner):
         # (float32 holds the token counts and language ids exactly: all are below 2**24).
         toks = tokens.cpu().tolist()
         per_row = torch.stack([no_speech.float(), sum_logprob, n_tokens.float(), lang.float()], dim=1).cpu().tolist()
+        clock.mark("decoder")
+        post_start = time.perf_counter()
         for row, (nsp, lp_sum, n, lang_id) in zip(toks, per_row):
             n, lang_id = int(n), int(lang_id)
             ids = row[: row.index(tk.eot)] if tk.eot in row else row
@@ -228,6 +252,7 @@ class WhisperRunner(ModelRunner):
             ):
                 text = ""
             out.append(Transcript(text, tk.language_of.get(lang_id), {"no_speech_prob": round(nsp, 4), "avg_logprob": round(avg, 4), "compression_ratio": round(ratio, 2), "tokens": ids}))
+        self.last_stages = {**clock.stages(), "postprocess": time.perf_counter() - post_start}
         return out
 
     def describe(self) -> dict[str, Any]:
