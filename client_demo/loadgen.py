@@ -256,6 +256,11 @@ class SpawnedServer:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
             return r.read().decode()
 
+    def model(self) -> dict:
+        """The server's own account of its model and device (from /healthz)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=10) as r:
+            return json.loads(r.read()).get("model", {})
+
     def __exit__(self, *exc: object) -> None:
         self.proc.send_signal(signal.SIGINT)
         try:
@@ -356,14 +361,20 @@ def _fmt(v: float | None) -> str:
 
 
 def markdown(modes: dict[str, list[dict]], target: float, command: str, duration: float,
-             partial_gap_ms: float | None = None) -> str:
+             partial_gap_ms: float | None = None, note: str | None = None) -> str:
     gap = f", p95 gap between partials {partial_gap_ms:g} ms" if partial_gap_ms is not None else ""
     out = [f"## loadgen run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
            f"- command: `{command}`", f"- machine: {machine()}",
            f"- each session: {duration:g} s of real speech clips 1.2 s apart at real-time pace; "
-           f"target p95 final latency {target:g} ms{gap}", ""]
+           f"target p95 final latency {target:g} ms{gap}"]
+    if note:
+        out.append(f"- {note}")
+    out.append("")
     for mode, rows in modes.items():
         out.append(f"### {mode}: largest N within target = **{largest_within(rows, target, partial_gap_ms)}**")
+        if rows and rows[0].get("server"):
+            out.append("")
+            out.append("server: " + ", ".join(f"{k}={v}" for k, v in rows[0]["server"].items()))
         out.append("")
         out.append("| sessions | finals | final p50 ms | final p95 ms | final max ms | partial gap p50 ms | partial gap p95 ms | errors | lost finals | WER | mean batch |")
         out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -448,6 +459,7 @@ def main() -> int:
                         "(e.g. 'fp16=--set runner.dtype=float16'); repeatable")
     p.add_argument("--stop-after-miss", action="store_true", help="end a ramp at the first N that misses the target")
     p.add_argument("--out", type=Path, help="append a markdown report here")
+    p.add_argument("--note", help="a line for the report, e.g. that the model has random weights")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, help="write an SVG plot here")
     args = p.parse_args()
@@ -479,6 +491,7 @@ def main() -> int:
                     before = srv.metrics()
                     row = run_multiproc(srv.url, n, args.duration, args.clips, args.seed, args.speed, args.procs)
                     after = srv.metrics()
+                    row["server"] = srv.model()
                 row["mean_batch"] = mean_batch_size(after)
                 row["time"] = time_breakdown(before, after)
             else:
@@ -497,7 +510,7 @@ def main() -> int:
                 break
         modes[mode] = rows
     report = markdown(modes, args.latency_target_ms, " ".join(shlex.quote(a) for a in sys.argv), args.duration,
-                      args.partial_gap_target_ms)
+                      args.partial_gap_target_ms, args.note)
     print(report)
     if args.out:
         with args.out.open("a") as f:

@@ -72,6 +72,19 @@ def small_rcvbuf_socket(port: int) -> socket.socket:
     return sock
 
 
+async def flood_until_kicked(ws, srv: ServerThread, kicked_before: float) -> tuple[bool, int]:
+    """Send flood messages without reading until the server reports a kick (or the cap).
+    Returns (kicked, messages sent)."""
+    sent = 0
+    while sent < FLOOD_MAX_MESSAGES:
+        for _ in range(FLOOD_BATCH):
+            await ws.send(FLOOD_PAYLOAD)
+        sent += FLOOD_BATCH
+        if await asyncio.to_thread(errors_sent, srv, "slow_consumer") > kicked_before:
+            return True, sent
+    return False, sent
+
+
 def test_slow_consumer_is_disconnected_and_spares_other_sessions(srv):
     clip = next(c for c in CLIPS if c.name == "jfk.wav")
     speech = read_clip(clip)
@@ -107,15 +120,8 @@ def test_slow_consumer_is_disconnected_and_spares_other_sessions(srv):
         async def slow_client() -> dict:
             await asyncio.wait_for(good_speaking.wait(), 60)
             sock = small_rcvbuf_socket(srv.app.port)
-            sent = 0
             async with connect(srv.url, sock=sock, max_size=None, ping_interval=None, close_timeout=30) as ws:
-                # Flood without reading until the server reports the kick.
-                kicked = False
-                while not kicked and sent < FLOOD_MAX_MESSAGES:
-                    for _ in range(FLOOD_BATCH):
-                        await ws.send(FLOOD_PAYLOAD)
-                    sent += FLOOD_BATCH
-                    kicked = await asyncio.to_thread(errors_sent, srv, "slow_consumer") > kicked_before
+                kicked, sent = await flood_until_kicked(ws, srv, kicked_before)
                 if not kicked:
                     ws.transport.abort()  # fail below, without waiting for a close that never comes
                     slow_done.set()
@@ -180,14 +186,8 @@ def test_kicked_client_that_never_reads_again_loses_its_slot(srv):
 
     async def main() -> dict:
         sock = small_rcvbuf_socket(srv.app.port)
-        sent = 0
         async with connect(srv.url, sock=sock, max_size=None, ping_interval=None, close_timeout=1) as ws:
-            kicked = False
-            while not kicked and sent < FLOOD_MAX_MESSAGES:
-                for _ in range(FLOOD_BATCH):
-                    await ws.send(FLOOD_PAYLOAD)
-                sent += FLOOD_BATCH
-                kicked = await asyncio.to_thread(errors_sent, srv, "slow_consumer") > kicked_before
+            kicked, _ = await flood_until_kicked(ws, srv, kicked_before)
             kicked_at = time.monotonic()
             # Hold the connection open without reading; the server must let go by itself.
             freed_after = None

@@ -35,6 +35,15 @@ def resolve_dtype(config: RunnerConfig, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def device_facts(device: torch.device) -> dict[str, str]:
+    """What a report needs to name the hardware a runner is on."""
+    facts = {"device": str(device), "torch": torch.__version__}
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+        facts["cuda"] = str(torch.version.cuda)
+    return facts
+
+
 class StageClock:
     """Times consecutive stages of one batch (features, model, ...) without adding syncs.
 

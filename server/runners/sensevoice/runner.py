@@ -20,7 +20,7 @@ import torch
 from server.config import RunnerConfig
 from server.features.fbank import BatchFrontend, FbankOptions, load_cmvn, pad_waveforms
 from server.runners.base import ItemOptions, Launched, ModelRunner, RunnerError, Transcript
-from server.runners.device import StageClock, resolve_device, resolve_dtype
+from server.runners.device import StageClock, device_facts, resolve_device, resolve_dtype
 from server.runners.sensevoice.core import NUM_QUERY_FRAMES, SenseVoiceCore
 from server.runners.sensevoice.model_dir import ModelFiles, resolve_model_dir
 
@@ -203,7 +203,8 @@ class SenseVoiceRunner(ModelRunner):
             name="sensevoice",
         )
         runner.warmup()
-        self._graph_mode = str(getattr(runner, "mode", "bucketed"))
+        mode = getattr(runner, "mode", "bucketed")
+        self._graph_mode = getattr(mode, "value", str(mode))
         return runner
 
     def _warmup(self) -> None:
@@ -324,7 +325,9 @@ class SenseVoiceRunner(ModelRunner):
     def describe(self) -> dict[str, Any]:
         facts = super().describe()
         facts.update({"params_m": round(self._num_params / 1e6, 1), "forward": self._graph_mode,
-                      "query_frames": NUM_QUERY_FRAMES})
+                      "query_frames": NUM_QUERY_FRAMES, "asynchronous": self.asynchronous})
+        if self.device is not None:
+            facts.update(device_facts(self.device))
         return facts
 
     def close(self) -> None:

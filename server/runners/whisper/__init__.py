@@ -13,7 +13,7 @@ import torch
 from server.config import RunnerConfig
 from server.features.logmel import LogMel
 from server.runners.base import ItemOptions, Launched, ModelRunner, RunnerError, Transcript
-from server.runners.device import StageClock, resolve_device, resolve_dtype
+from server.runners.device import StageClock, device_facts, resolve_device, resolve_dtype
 from server.runners.whisper import assets
 from server.runners.whisper.ct2 import read_ct2
 from server.runners.whisper.model import Whisper, build_from_ct2
@@ -257,7 +257,8 @@ class WhisperRunner(ModelRunner):
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        info["device"] = str(self.device)
+        info.update(device_facts(self.device))
+        info["asynchronous"] = self.asynchronous
         if self.model is not None:
             info["params_m"] = round(sum(p.numel() for p in self.model.parameters()) / 1e6, 1)
         return info
