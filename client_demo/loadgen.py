@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from urllib.parse import urlsplit
@@ -238,11 +239,15 @@ class SpawnedServer:
         self.argv = argv
 
     def __enter__(self) -> "SpawnedServer":
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # The server's log goes to a file, not a pipe: an unread pipe fills after ~64 KB of
+        # log lines (a few hundred sessions) and then blocks the server's event loop.
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"server exited: {self.log.read()[-2000:]}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
                     if r.status == 200:
@@ -252,13 +257,9 @@ class SpawnedServer:
             time.sleep(0.5)
         raise RuntimeError("server did not become ready in 300 s")
 
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
-            return r.read().decode()
-
     def model(self) -> dict:
         """The server's own account of its model and device (from /healthz)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=60) as r:
             return json.loads(r.read()).get("model", {})
 
     def __exit__(self, *exc: object) -> None:
@@ -268,6 +269,7 @@ class SpawnedServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
 
     @property
     def url(self) -> str:
@@ -292,8 +294,9 @@ STAGES = ("decode", "vad", "send", "features", "encoder", "decoder", "model", "p
 
 def time_breakdown(before: str, after: str) -> dict:
     """Where the server's time went between two /metrics scrapes: seconds per stage (event
-    loop: decode, vad, send; worker: features, encoder, decoder, model, postprocess) and the
-    whole process's CPU seconds, each per second of audio received; plus the event loop's
+    loop: decode, vad, send; worker: features, encoder, decoder, model, postprocess), the
+    event-loop thread's CPU and the whole process's CPU seconds, each per second of audio
+    received; plus the event loop's
     lag (the upper bound of the histogram bucket holding its 99th percentile)."""
     a, b = _samples(before), _samples(after)
     d = lambda k: b.get(k, 0.0) - a.get(k, 0.0)  # noqa: E731
@@ -305,6 +308,7 @@ def time_breakdown(before: str, after: str) -> dict:
         v = d(f'chorus_stage_seconds_total{{stage="{st}"}}')
         if v > 0:
             out["ms_per_audio_s"][st] = round(1000 * v / audio, 3)
+    out["ms_per_audio_s"]["loop_cpu"] = round(1000 * d("chorus_event_loop_cpu_seconds_total") / audio, 3)
     out["ms_per_audio_s"]["process_cpu"] = round(1000 * d("process_cpu_seconds_total") / audio, 3)
     total = d("chorus_event_loop_lag_seconds_count")
     if total > 0:
@@ -328,13 +332,15 @@ def mean_batch_size(metrics_text: str) -> float | None:
 
 
 def _scrape(ws_url: str) -> str | None:
-    """/metrics of the server behind a ws:// URL, or None if it does not answer."""
+    """/metrics of the server behind a ws:// URL, or None (with a warning on stderr) if it
+    does not answer: a lost breakdown must not lose the step's latency figures."""
     parts = urlsplit(ws_url)
     scheme = "https" if parts.scheme == "wss" else "http"
     try:
-        with urllib.request.urlopen(f"{scheme}://{parts.netloc}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(f"{scheme}://{parts.netloc}/metrics", timeout=60) as r:
             return r.read().decode()
-    except OSError:
+    except OSError as e:
+        print(f"warning: no /metrics from {parts.netloc} ({e}); no time breakdown for this step", file=sys.stderr)
         return None
 
 
@@ -387,9 +393,10 @@ def markdown(modes: dict[str, list[dict]], target: float, command: str, duration
         out.append("")
         rows_with = [r for r in rows if r.get("time", {}).get("ms_per_audio_s")]
         if rows_with:
-            cols = [c for c in (*STAGES, "process_cpu") if any(c in r["time"]["ms_per_audio_s"] for r in rows_with)]
-            out.append(f"Where the server's time went ({mode}), ms per second of audio "
-                       "(device time for worker stages on GPU; process_cpu = the whole server process):")
+            cols = [c for c in (*STAGES, "loop_cpu", "process_cpu") if any(c in r["time"]["ms_per_audio_s"] for r in rows_with)]
+            out.append(f"Where the server's time went ({mode}), ms per second of audio (device time for worker "
+                       "stages on GPU; loop_cpu = the event-loop thread's CPU, all of it; process_cpu = the "
+                       "whole server process):")
             out.append("")
             out.append("| sessions | " + " | ".join(cols) + " | loop lag p99 ms |")
             out.append("| --- " * (len(cols) + 2) + "|")
@@ -488,19 +495,17 @@ def main() -> int:
             if args.spawn_server:
                 # A fresh server per step, so one step's backlog or metrics never leak into the next.
                 with SpawnedServer(args.spawn_server, extra) as srv:
-                    before = srv.metrics()
+                    before = _scrape(srv.url)
                     row = run_multiproc(srv.url, n, args.duration, args.clips, args.seed, args.speed, args.procs)
-                    after = srv.metrics()
+                    after = _scrape(srv.url)
                     row["server"] = srv.model()
-                row["mean_batch"] = mean_batch_size(after)
-                row["time"] = time_breakdown(before, after)
             else:
                 before = _scrape(args.url)
                 row = run_multiproc(args.url, n, args.duration, args.clips, args.seed, args.speed, args.procs)
                 after = _scrape(args.url)
-                if before is not None and after is not None:
-                    row["mean_batch"] = mean_batch_size(after)
-                    row["time"] = time_breakdown(before, after)
+            if before is not None and after is not None:
+                row["mean_batch"] = mean_batch_size(after)
+                row["time"] = time_breakdown(before, after)
             row["within_target"] = holds_target(row, args.latency_target_ms, args.partial_gap_target_ms)
             rows.append(row)
             print(f"[{mode}] N={n}: final p50/p95 {_fmt(row['final_latency_ms']['p50'])}/{_fmt(row['final_latency_ms']['p95'])} ms, "

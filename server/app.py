@@ -125,12 +125,18 @@ class ChorusServer:
 
     async def _watch_loop_lag(self, period: float = 0.1) -> None:
         """Event-loop lag: how late a timer fires is how long other callbacks held the loop.
-        Blocking work on the loop would delay every session's audio and results at once."""
+        Blocking work on the loop would delay every session's audio and results at once.
+        Also the loop thread's CPU time (all of it: websockets framing, JSON, sessions), which
+        is what bounds the number of streams one server process can carry."""
         loop = asyncio.get_running_loop()
+        cpu = time.thread_time()
         while True:
             due = loop.time() + period
             await asyncio.sleep(period)
             self.metrics.event_loop_lag.observe(max(0.0, loop.time() - due))
+            now = time.thread_time()
+            self.metrics.event_loop_cpu.inc(now - cpu)
+            cpu = now
 
     async def stop(self) -> None:
         """Refuse new clients, close open ones (1001), stop the worker."""

@@ -63,6 +63,11 @@ class Metrics:
             "How late the event loop woke a 100 ms timer: time other callbacks held the loop.",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0), registry=r,
         )
+        self.event_loop_cpu = Counter(
+            "chorus_event_loop_cpu_seconds",
+            "CPU time of the event-loop thread (sockets, websockets framing, JSON, sessions, VAD).",
+            registry=r,
+        )
         # process_cpu_seconds_total etc., so the stage times can be set against the whole process.
         ProcessCollector(registry=r)
 

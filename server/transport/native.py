@@ -169,8 +169,11 @@ class NativeConnection:
             if self.session is not None:
                 await self.session.backpressure()
             try:
-                message = await asyncio.wait_for(self.ws.recv(), timeout=self.cfg.idle_timeout_s)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: wait_for wraps every receive in a new Task,
+                # which is a measurable share of the loop's CPU per audio message.
+                async with asyncio.timeout(self.cfg.idle_timeout_s):
+                    message = await self.ws.recv()
+            except TimeoutError:
                 self.on_error("idle_timeout", f"nothing received for {self.cfg.idle_timeout_s:g} s", True)
                 return _CLOSE_NORMAL, "idle timeout"
             if isinstance(message, str):
