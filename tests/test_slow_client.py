@@ -209,3 +209,25 @@ def test_kicked_client_that_never_reads_again_loses_its_slot(srv):
     assert out["freed_after"] is not None, "the kicked client still held its session 30 s later"
     assert out["ended"]
     assert srv.metric("chorus_batcher_queue_depth") == 0
+
+
+def test_a_burst_from_a_reading_client_is_not_mistaken_for_a_slow_one(srv):
+    """Many messages arriving at once, each answered, must not overflow a small outbox while
+    the client reads: the server flushes before reading on (it once could kick such a client,
+    because receiving buffered frames never yields to the writer)."""
+    kicked_before = errors_sent(srv, "slow_consumer")
+    burst = 20 * MAX_OUTGOING
+
+    async def main() -> list[dict]:
+        async with connect(srv.url, max_size=None) as ws:
+            for _ in range(burst):
+                await ws.send(json.dumps({"type": "no_such_type"}))
+            replies = [json.loads(await asyncio.wait_for(ws.recv(), 30)) for _ in range(burst)]
+            await ws.send(json.dumps({"type": "stop"}))
+            replies.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+            return replies
+
+    replies = asyncio.run(main())
+    assert [m["code"] for m in replies[:-1]] == ["unknown_type"] * burst
+    assert replies[-1]["type"] == "done"
+    assert errors_sent(srv, "slow_consumer") == kicked_before

@@ -168,6 +168,11 @@ class NativeConnection:
         while not self._kicked:
             if self.session is not None:
                 await self.session.backpressure()
+            if not self.outbox.empty():
+                # ws.recv() returns without yielding while frames are buffered: let the writer
+                # flush first, so that the outbox bound measures the client's reading and not
+                # this loop's scheduling (a burst of messages must not look like a slow client).
+                await asyncio.sleep(0)
             try:
                 # asyncio.timeout, not wait_for: wait_for wraps every receive in a new Task,
                 # which is a measurable share of the loop's CPU per audio message.
