@@ -167,8 +167,9 @@ def test_sparse_end_of_text_checks_give_identical_results(whisper_runner, clips)
     whisper_runner.config = dataclasses.replace(
         base, whisper=dataclasses.replace(base.whisper, eot_check_interval=8))
     try:
-        sparse = whisper_runner.transcribe(clips[:3], [ItemOptions()] * 3)
+        launched = whisper_runner.launch(clips[:3], [ItemOptions()] * 3)
+        sparse = launched.result()
     finally:
         whisper_runner.config = base
     assert [(r.text, r.fields) for r in sparse] == [(r.text, r.fields) for r in every_step]
-    assert set(whisper_runner.last_stages) == {"features", "encoder", "decoder", "postprocess"}
+    assert set(launched.stages) == {"features", "encoder", "decoder", "postprocess"}

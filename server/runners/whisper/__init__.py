@@ -45,7 +45,6 @@ class WhisperRunner(ModelRunner):
         self.dtype = torch.float32
         self.encoder = None  # callable mel -> enc; a BucketedRunner on GPU with graphs
         self.steps: StaticDecoderSteps | None = None  # decoder step graphs on GPU with graphs
-        self.last_stages: dict[str, float] = {}  # stage seconds of the last transcribe call
 
     # ------------------------------------------------------------------ load
     def load(self) -> None:
@@ -131,6 +130,12 @@ class WhisperRunner(ModelRunner):
         return sorted(self.tokenizer.languages)
 
     def transcribe(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[Transcript]:
+        return self.launch(audios, options).result()
+
+    def launch(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> Launched:
+        """Runs the batch to completion: greedy decoding is host-driven (the loop ends when
+        every row has), so `asynchronous` stays False; queueing the next batch first would
+        make this one's decoder wait behind it."""
         if self.model is None or self.tokenizer is None:
             raise RunnerError("whisper runner used before load()")
         if len(audios) != len(options):
@@ -149,26 +154,22 @@ class WhisperRunner(ModelRunner):
                 results[i] = Transcript("", lang, {"no_speech_prob": 1.0, "avg_logprob": 0.0, "tokens": []})
             else:
                 work.append(i)
-        self.last_stages = {}
+        stages: dict[str, float] = {}
         if work:
             with torch.inference_mode():
-                for i, t in zip(work, self._decode([audios[i] for i in work], [options[i] for i in work])):
-                    results[i] = t
-        return [r for r in results if r is not None]
-
-    def launch(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> Launched:
-        # Greedy decoding is host-driven (the loop ends when every row has), so the batch runs
-        # to completion here and `asynchronous` stays False: queueing the next batch first
-        # would make this one's decoder wait behind it.
-        launched = Launched.done(self.transcribe(audios, options))
-        launched.stages = self.last_stages
+                decoded, stages = self._decode([audios[i] for i in work], [options[i] for i in work])
+            for i, t in zip(work, decoded):
+                results[i] = t
+        launched = Launched.done([r for r in results if r is not None])
+        launched.stages = stages
         return launched
 
     def _eot_interval(self) -> int:
         n = self.config.whisper.eot_check_interval
         return n if n > 0 else (8 if self.device.type == "cuda" else 1)
 
-    def _decode(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[Transcript]:
+    def _decode(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> tuple[list[Transcript], dict[str, float]]:
+        """Transcripts of a batch of non-silent items, and the seconds of each stage."""
         assert self.model is not None and self.tokenizer is not None and self.encoder is not None
         tk, model, cfg = self.tokenizer, self.model, self.config.whisper
         dev = self.device
@@ -252,8 +253,7 @@ class WhisperRunner(ModelRunner):
             ):
                 text = ""
             out.append(Transcript(text, tk.language_of.get(lang_id), {"no_speech_prob": round(nsp, 4), "avg_logprob": round(avg, 4), "compression_ratio": round(ratio, 2), "tokens": ids}))
-        self.last_stages = {**clock.stages(), "postprocess": time.perf_counter() - post_start}
-        return out
+        return out, {**clock.stages(), "postprocess": time.perf_counter() - post_start}
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
