@@ -296,8 +296,8 @@ def time_breakdown(before: str, after: str) -> dict:
     """Where the server's time went between two /metrics scrapes: seconds per stage (event
     loop: decode, vad, send; worker: features, encoder, decoder, model, postprocess), the
     event-loop thread's CPU and the whole process's CPU seconds, each per second of audio
-    received; plus the event loop's
-    lag (the upper bound of the histogram bucket holding its 99th percentile)."""
+    received; plus the event loop's lag (the upper bound of the histogram bucket holding its
+    99th percentile)."""
     a, b = _samples(before), _samples(after)
     d = lambda k: b.get(k, 0.0) - a.get(k, 0.0)  # noqa: E731
     audio = d("chorus_audio_seconds_total")
@@ -321,14 +321,9 @@ def time_breakdown(before: str, after: str) -> dict:
 
 
 def mean_batch_size(metrics_text: str) -> float | None:
-    vals = {}
-    for name in ("chorus_batch_size_sum", "chorus_batch_size_count"):
-        m = re.search(rf"^{name} ([0-9.e+]+)$", metrics_text, re.M)
-        if m:
-            vals[name] = float(m.group(1))
-    if vals.get("chorus_batch_size_count"):
-        return vals["chorus_batch_size_sum"] / vals["chorus_batch_size_count"]
-    return None
+    s = _samples(metrics_text)
+    count = s.get("chorus_batch_size_count")
+    return s["chorus_batch_size_sum"] / count if count else None
 
 
 def _scrape(ws_url: str) -> str | None:

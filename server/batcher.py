@@ -280,10 +280,19 @@ class MicroBatcher:
                 else:
                     self._collect(launched)
 
-    def _call(self, batch: Sequence[Request]) -> list[Transcript]:
-        """One synchronous model call; an out-of-memory batch is split in halves and retried."""
+    def _start(self, batch: Sequence[Request]) -> Launched:
+        """Queue a batch on the runner; out of memory while queueing runs it in halves now."""
         try:
-            results = self.runner.launch([r.audio for r in batch], [r.options for r in batch]).result()
+            return self.runner.launch([r.audio for r in batch], [r.options for r in batch])
+        except Exception as exc:
+            if not _is_oom(exc) or len(batch) == 1:
+                raise
+            return Launched.done(self._split(batch))
+
+    def _results(self, batch: Sequence[Request], launched: Launched) -> list[Transcript]:
+        """A launched batch's results, one per request; out of memory runs it in halves."""
+        try:
+            results = launched.result()
         except Exception as exc:
             if not _is_oom(exc) or len(batch) == 1:
                 raise
@@ -293,41 +302,28 @@ class MicroBatcher:
         return results
 
     def _split(self, batch: Sequence[Request]) -> list[Transcript]:
+        """Out of memory: run the halves one after the other, synchronously, never dropping one."""
         mid = len(batch) // 2
         log.warning("out of memory on a batch of %d; splitting and retrying", len(batch))
         self.metrics.batch_splits.inc()
-        return self._call(batch[:mid]) + self._call(batch[mid:])
+        halves = (batch[:mid], batch[mid:])
+        return [t for half in halves for t in self._results(half, self._start(half))]
 
     def _launch(self, batch: list[Request]) -> _InFlight | None:
         start = time.monotonic()
         for r in batch:
             self.metrics.queue_wait.labels(r.kind.name.lower()).observe(start - r.enqueued)
         try:
-            launched = self.runner.launch([r.audio for r in batch], [r.options for r in batch])
+            launched = self._start(batch)
         except Exception as exc:  # noqa: BLE001 - a failed batch must fail its requests, not the worker
-            if _is_oom(exc) and len(batch) > 1:
-                # Out of memory while queueing: retry in halves now, synchronously.
-                try:
-                    launched = Launched.done(self._split(batch))
-                except Exception as exc2:  # noqa: BLE001
-                    self._fail(batch, exc2)
-                    return None
-            else:
-                self._fail(batch, exc)
-                return None
+            self._fail(batch, exc)
+            return None
         return _InFlight(batch, launched, start)
 
     def _collect(self, inflight: _InFlight) -> None:
         batch = inflight.batch
         try:
-            try:
-                results = inflight.launched.result()
-            except Exception as exc:
-                if not _is_oom(exc) or len(batch) == 1:
-                    raise
-                results = self._split(batch)
-            if len(results) != len(batch):
-                raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} items")
+            results = self._results(batch, inflight.launched)
         except Exception as exc:  # noqa: BLE001 - a failed batch must fail its requests, not the worker
             self._fail(batch, exc)
             return

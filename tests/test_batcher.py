@@ -272,15 +272,16 @@ class DeviceRunner(ModelRunner):
         return Launched(finish)
 
 
-def _pipeline(runner: DeviceRunner, n: int):
+def _pipeline(runner: DeviceRunner, n: int, max_batch_size: int = 1):
+    """(the batcher, the results of n finals queued at once)."""
     async def main():
-        b = make(runner, max_batch_size=1, batch_wait_ms=1.0)
+        b = make(runner, max_batch_size=max_batch_size, batch_wait_ms=1.0)
         b.start(asyncio.get_running_loop())
         futs = [b.submit(np.zeros(16000 + i, np.float32), ItemOptions(), Kind.FINAL, f"s{i}") for i in range(n)]
         runner.gate.set()  # everything is queued before the first launch returns
         res = await asyncio.gather(*futs, return_exceptions=True)
         b.stop()
-        return res
+        return b, res
 
     return run(main())
 
@@ -289,7 +290,7 @@ def test_asynchronous_runner_overlaps_next_launch_with_running_batch():
     """With an asynchronous runner the batcher launches batch N+1 before it collects batch N,
     and still delivers results in order."""
     r = DeviceRunner(asynchronous=True)
-    res = _pipeline(r, 4)
+    _, res = _pipeline(r, 4)
     assert [t.text for t in res] == [str(16000 + i) for i in range(4)]
     assert r.log == [("launch", 16000), ("launch", 16001), ("collect", 16000), ("launch", 16002),
                      ("collect", 16001), ("launch", 16003), ("collect", 16002), ("collect", 16003)]
@@ -298,7 +299,7 @@ def test_asynchronous_runner_overlaps_next_launch_with_running_batch():
 def test_synchronous_runner_collects_each_batch_before_the_next():
     """On CPU launching the next batch would run it, delaying this one's results: no overlap."""
     r = DeviceRunner(asynchronous=False)
-    res = _pipeline(r, 3)
+    _, res = _pipeline(r, 3)
     assert [t.text for t in res] == [str(16000 + i) for i in range(3)]
     assert r.log == [("launch", 16000), ("collect", 16000), ("launch", 16001), ("collect", 16001),
                      ("launch", 16002), ("collect", 16002)]
@@ -306,6 +307,20 @@ def test_synchronous_runner_collects_each_batch_before_the_next():
 
 def test_failure_while_collecting_fails_only_that_batch():
     r = DeviceRunner(asynchronous=True, fail_at_result=lambda lengths: 16001 in lengths)
-    res = _pipeline(r, 3)
+    _, res = _pipeline(r, 3)
     assert res[0].text == "16000" and res[2].text == "16002"
     assert isinstance(res[1], RuntimeError) and "device fault" in str(res[1])
+
+
+def test_out_of_memory_while_collecting_is_split_not_dropped():
+    import torch
+
+    def oom(lengths):
+        if len(lengths) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated, at the sync)")
+        return False
+
+    r = DeviceRunner(asynchronous=True, device_s=0.0, fail_at_result=oom)
+    b, res = _pipeline(r, 4, max_batch_size=4)
+    assert [t.text for t in res] == [str(16000 + i) for i in range(4)]
+    assert b.metrics.registry.get_sample_value("chorus_batch_splits_total") >= 1
