@@ -7,8 +7,9 @@
 #   QUICK=1 DEVICE=cpu OUT=/tmp/smoke.md bench/run_gpu.sh   # smoke run of the same steps on a CPU
 #
 # Environment: PY (default .venv/bin/python; on a machine without network use the machine's
-# python3 with PYTHONPATH carrying the wheels, see bench/README.md), DEVICE (cuda), OUT
-# (docs/benchmarks.md), SV_DIR (where full-size random-weight SenseVoiceSmall is written once),
+# python3 with PYTHONPATH carrying the wheels, see bench/README.md), DEVICE (cuda), OUT (the
+# markdown report FILE the figures are appended to, docs/benchmarks.md; its directory must
+# exist), SV_DIR (where full-size random-weight SenseVoiceSmall is written once),
 # PROCS (load-generator processes, 8), RAMP (loadgen session counts).
 #
 # SenseVoice figures use full-size RANDOM weights (the compute is the real model's, the text is
@@ -22,6 +23,16 @@ OUT=${OUT:-docs/benchmarks.md}
 SV_DIR=${SV_DIR:-/tmp/SenseVoiceSmall-random}
 PROCS=${PROCS:-8}
 STEPS=${*:-tests doctor runner loadgen}
+
+# The benchmarks append markdown to OUT after all their measurements: check it now, not then.
+if [ -d "$OUT" ]; then
+    echo "run_gpu.sh: OUT=$OUT is a directory; set OUT to the markdown report file, e.g. OUT=${OUT%/}/benchmarks.md" >&2
+    exit 2
+fi
+if [ ! -d "$(dirname -- "$OUT")" ]; then
+    echo "run_gpu.sh: OUT=$OUT: its directory $(dirname -- "$OUT") does not exist; create it or set OUT to a file in an existing directory" >&2
+    exit 2
+fi
 
 if [ "$DEVICE" = cpu ]; then
     VARIANTS=eager-fp32,graphs-fp32          # half precision is refused on CPU

@@ -115,7 +115,7 @@ def main() -> int:
         dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[prec]
         cfg = RunnerConfig(name=args.runner, model=model, device=args.device, dtype=dtype,
                            graphs=GraphConfig(enabled=(mode == "graphs"), batch_buckets=tuple(sorted({1, 2, 4, 8, 16, 32, *batches}))))
-        runner = create_runner(cfg)
+        runner = create_runner(cfg, max_batch_size=max(batches))
         runner.load()
         for b in batches:
             items = speech(args.seconds, b)

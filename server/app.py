@@ -17,7 +17,7 @@ from websockets.asyncio.server import Server, serve
 
 from server import __version__
 from server.batcher import MicroBatcher
-from server.config import Config
+from server.config import Config, ConfigError
 from server.metrics import Metrics
 from server.runners import ModelRunner, create_runner
 from server.transport import native as native_transport
@@ -32,7 +32,7 @@ class ChorusServer:
         self.config = config
         self._preloaded = preloaded
         self.metrics = Metrics()
-        self.runner = runner if runner is not None else create_runner(config.runner)
+        self.runner = runner if runner is not None else create_runner(config.runner, max_batch_size=config.batcher.largest_batch)
         self.batcher = MicroBatcher(self.runner, config.batcher, self.metrics)
         self.ready = False
         self.load_error: str | None = None
@@ -71,6 +71,18 @@ class ChorusServer:
         # A runner's longest item bounds the segment length a client may ask for.
         limit = self.runner.max_item_seconds
         return int(min(limit * 1000, 60_000)) if limit != float("inf") else 60_000
+
+    def check_default_language(self) -> None:
+        """Raise ConfigError if ``server.default_language`` is not a language the loaded model
+        accepts: every session that does not choose its own language would be refused."""
+        supported = self.runner.languages()
+        value = self.config.server.default_language.strip().lower()
+        if supported is not None and value not in supported:
+            codes = (["auto"] if "auto" in supported else []) + sorted(c for c in supported if c != "auto")
+            raise ConfigError(
+                f"server.default_language is {self.config.server.default_language!r}, which the "
+                f"{self.runner.name} model does not support; set it to one of: {', '.join(codes)}"
+            )
 
     def session_opened(self) -> None:
         self.sessions += 1
@@ -114,6 +126,8 @@ class ChorusServer:
             # Loading reads ~150 MB and runs warm-up batches: keep it off the event loop.
             if not self._preloaded:
                 await loop.run_in_executor(None, self.runner.load)
+            # Also for a preloaded runner: the check is about this server's config.
+            self.check_default_language()
         except Exception as exc:
             self.load_error = str(exc)
             log.error("model failed to load: %s", exc)

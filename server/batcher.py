@@ -11,8 +11,13 @@ Policy, in order:
   replaces the older, whose future resolves to ``None`` (superseded);
 - items of one length bucket per batch, so short items are not padded to long ones;
 - at most ``max_batch_size`` items and ``max_batch_audio_s`` padded audio seconds;
+- a runner answers each item with its result or that item's own error (`ItemError`): a
+  bad item fails alone;
 - an out-of-memory batch is split in halves and retried; any other failing batch
   fails every request in it, and the worker lives on;
+- a device fault is reported against the batch it may belong to: a CUDA fault surfaces at
+  the next call into the device, which can be the launch of the next batch while the faulty
+  one is still in flight; then the batch in flight fails with it and the next is retried alone;
 - with a runner that launches asynchronously (CUDA), the next batch is formed and
   launched before the running one is collected (see ``_worker``);
 - a session that goes away cancels its requests; they are never run.
@@ -38,7 +43,7 @@ import numpy as np
 
 from server.config import BatcherConfig
 from server.metrics import Metrics
-from server.runners.base import ItemOptions, Launched, ModelRunner, Transcript
+from server.runners.base import ItemOptions, ItemResult, Launched, ModelRunner, Transcript
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,12 @@ def _is_oom(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError"
 
 
+def _is_device_fault(exc: BaseException) -> bool:
+    """An error the device reported for work queued earlier (torch.AcceleratorError, or the
+    RuntimeError that older torch raises for CUDA errors), not one of this call's own."""
+    return type(exc).__name__ == "AcceleratorError" or str(exc).startswith("CUDA error")
+
+
 @dataclass
 class _InFlight:
     """A launched batch waiting to be collected."""
@@ -91,13 +102,9 @@ class MicroBatcher:
         self.runner = runner
         self.config = config
         self.metrics = metrics
-        if config.enabled:
-            self.max_batch = config.max_batch_size
-            self.wait_s = config.batch_wait_ms / 1000.0
-        else:
-            # The way most servers work: one request, one model call, no waiting for company.
-            self.max_batch = 1
-            self.wait_s = 0.0
+        self.max_batch = config.largest_batch
+        # Batching off is the way most servers work: one request, one model call, no waiting for company.
+        self.wait_s = config.batch_wait_ms / 1000.0 if config.enabled else 0.0
         self.bucket_edges = list(config.length_buckets_s)
         self._cond = threading.Condition()
         self._finals: collections.deque[Request] = collections.deque()
@@ -270,7 +277,19 @@ class MicroBatcher:
                 if inflight is not None:
                     self._collect(inflight)
                 return
-            launched = self._launch(batch) if batch else None
+            launched: _InFlight | None = None
+            if batch:
+                try:
+                    launched = self._launch(batch)
+                except Exception as exc:  # noqa: BLE001 - a failed batch must fail its requests, not the worker
+                    if inflight is not None and _is_device_fault(exc):
+                        # Batch N's kernels may have faulted: the error surfaced at this launch,
+                        # the next call into the device. It is N's; N+1 gets a launch of its own.
+                        self._fail_inflight(inflight, exc)
+                        inflight = None
+                        launched = self._launch_alone(batch)
+                    else:
+                        self._fail(batch, exc)
             if inflight is not None:
                 self._collect(inflight)
                 inflight = None
@@ -289,7 +308,7 @@ class MicroBatcher:
                 raise
             return Launched.done(self._split(batch))
 
-    def _results(self, batch: Sequence[Request], launched: Launched) -> list[Transcript]:
+    def _results(self, batch: Sequence[Request], launched: Launched) -> list[ItemResult]:
         """A launched batch's results, one per request; out of memory runs it in halves."""
         try:
             results = launched.result()
@@ -301,7 +320,7 @@ class MicroBatcher:
             raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} items")
         return results
 
-    def _split(self, batch: Sequence[Request]) -> list[Transcript]:
+    def _split(self, batch: Sequence[Request]) -> list[ItemResult]:
         """Out of memory: run the halves one after the other, synchronously, never dropping one."""
         mid = len(batch) // 2
         log.warning("out of memory on a batch of %d; splitting and retrying", len(batch))
@@ -309,16 +328,28 @@ class MicroBatcher:
         halves = (batch[:mid], batch[mid:])
         return [t for half in halves for t in self._results(half, self._start(half))]
 
-    def _launch(self, batch: list[Request]) -> _InFlight | None:
+    def _launch(self, batch: list[Request]) -> _InFlight:
+        """Queue a batch on the runner; raises what the launch raised."""
         start = time.monotonic()
         for r in batch:
             self.metrics.queue_wait.labels(r.kind.name.lower()).observe(start - r.enqueued)
+        return _InFlight(batch, self._start(batch), start)
+
+    def _launch_alone(self, batch: list[Request]) -> _InFlight | None:
+        """Launch with nothing in flight: whatever fails now is this batch's own."""
         try:
-            launched = self._start(batch)
+            return self._launch(batch)
         except Exception as exc:  # noqa: BLE001 - a failed batch must fail its requests, not the worker
             self._fail(batch, exc)
             return None
-        return _InFlight(batch, launched, start)
+
+    def _fail_inflight(self, inflight: _InFlight, exc: BaseException) -> None:
+        log.error("device fault surfaced while batch of %d was in flight; failing that batch", len(inflight.batch))
+        try:
+            inflight.launched.result()  # wait for its queued work before its buffers go
+        except Exception:  # noqa: BLE001, S110 - the fault is already being reported
+            pass
+        self._fail(inflight.batch, exc)
 
     def _collect(self, inflight: _InFlight) -> None:
         batch = inflight.batch
@@ -338,7 +369,11 @@ class MicroBatcher:
         if audio_s > 0:
             self.metrics.rtf.observe(took / audio_s)
         for r, res in zip(batch, results):
-            self._resolve(r, result=res)
+            if isinstance(res, BaseException):
+                self.metrics.item_errors.labels(getattr(res, "code", "internal")).inc()
+                self._resolve(r, exc=res)
+            else:
+                self._resolve(r, result=res)
 
     def _fail(self, batch: Sequence[Request], exc: BaseException) -> None:
         log.error("model call failed for a batch of %d: %s: %s", len(batch), type(exc).__name__, exc, exc_info=exc)

@@ -56,16 +56,21 @@ def _segments_for(audio, runner_max_s: float, config: Config):
 def cmd_transcribe(args: argparse.Namespace) -> int:
     from server.audio.codecs import AudioFormatError
     from server.audio.wavfile import load_audio_16k
-    from server.runners import ItemOptions, RunnerError, create_runner
+    from server.runners import ItemError, ItemOptions, RunnerError, Transcript, create_runner
 
     config = _config(args)
-    runner = create_runner(config.runner)
+    runner = create_runner(config.runner, max_batch_size=max(1, config.batcher.max_batch_size))
     try:
         t0 = time.monotonic()
         runner.load()
         log.info("model loaded in %.1f s", time.monotonic() - t0)
     except RunnerError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    supported = runner.languages()
+    if supported is not None and args.language not in supported:
+        print(f"error: --language {args.language!r} is not supported by this model; use one of {', '.join(sorted(supported))}",
+              file=sys.stderr)
         return 2
     status = 0
     opts = ItemOptions(language=args.language)
@@ -84,6 +89,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             chunk = pieces[i : i + step]
             results.extend(runner.transcribe([a for _, a in chunk], [opts] * len(chunk)))
         took = time.monotonic() - t0
+        for (start_ms, _), r in zip(pieces, results):
+            if isinstance(r, ItemError):
+                print(f"error: {path}: segment at {start_ms} ms: {r}", file=sys.stderr)
+                status = 1
+        results = [r if not isinstance(r, ItemError) else Transcript("", None, {"error": r.code}) for r in results]
         text = " ".join(r.text for r in results if r.text).strip()
         if args.json:
             print(json.dumps({
@@ -121,11 +131,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from server.doctor import format_report, run_doctor
+    from server.doctor import benchmark_failed, format_report, run_doctor
 
     config = _config(args)
     report = run_doctor(config, bench_seconds=args.seconds)
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
+    if benchmark_failed(report):
+        print(f"error: the self-benchmark failed: {report['benchmark'].get('error')}", file=sys.stderr)
+        return 1
     return 0
 
 

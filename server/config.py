@@ -91,8 +91,11 @@ class GraphConfig:
         "Longer inputs run eagerly.",
     )
     memory_budget_gb: float = knob(
-        0.0, "GPU memory the captured graphs may use, in GiB; buckets that would exceed it are "
-        "dropped, largest first. 0 = no limit.",
+        0.0, "GPU memory the captured graphs may hold, in GiB: static inputs, graph pools and "
+        "outputs (what the device reserves for them, not only live tensors), and Whisper's decoder "
+        "step buffers. Buckets that would exceed it are not kept, largest first; batches of their "
+        "sizes run eagerly. Only batch buckets up to the one holding `batcher.max_batch_size` are "
+        "allocated. 0 = no limit.",
     )
 
 
@@ -107,7 +110,11 @@ class RunnerConfig:
         "`iic/SenseVoiceSmall` when a network exists.",
     )
     device: str = knob("cpu", "`cpu`, `cuda`, `cuda:N`, or `auto` (cuda when available).")
-    dtype: str = knob("float32", "`float32`, `float16` or `bfloat16` (half precision only on CUDA).")
+    dtype: str = knob(
+        "float32", "`float32`, `float16` or `bfloat16` (half precision only on CUDA). Prefer bfloat16: "
+        "float16's narrow range can overflow in deep residual stacks. An item whose scores come out "
+        "non-finite fails alone with a `model_output` error.",
+    )
     num_threads: int = knob(0, "torch intra-op threads on CPU; 0 keeps torch's default (one per core).")
     warmup: bool = knob(True, "Run a dummy batch at load so the first request is not slow.")
     cache_dir: str = knob(
@@ -156,6 +163,11 @@ class BatcherConfig:
         1024, "Most requests waiting; past it new partials are dropped and finals still queue.",
     )
 
+    @property
+    def largest_batch(self) -> int:
+        """Most items one model call gets: `max_batch_size`, or 1 with batching off."""
+        return self.max_batch_size if self.enabled else 1
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -178,7 +190,10 @@ class ServerConfig:
     )
     idle_timeout_s: float = knob(60.0, "A session that sends nothing (not even keepalive) this long is closed.")
     ping_interval_s: float = knob(20.0, "WebSocket ping interval; 0 disables.")
-    default_language: str = knob("auto", "Language when the client does not set one: `auto` or a code.")
+    default_language: str = knob(
+        "auto", "Language when the client does not set one: `auto` or a code the model supports "
+        "(checked when the model has loaded; the server does not become ready otherwise).",
+    )
 
 
 @dataclass(frozen=True)
@@ -291,6 +306,11 @@ def validate(cfg: Config) -> None:
         problems.append("runner.dtype must be float32, float16 or bfloat16")
     if cfg.runner.name not in ("whisper", "sensevoice"):
         problems.append("runner.name must be whisper or sensevoice")
+    if cfg.runner.graphs.enabled and cfg.batcher.max_batch_size > max(cfg.runner.graphs.batch_buckets, default=0):
+        problems.append(
+            f"batcher.max_batch_size ({cfg.batcher.max_batch_size}) exceeds the largest runner.graphs.batch_buckets "
+            f"({max(cfg.runner.graphs.batch_buckets, default=0)}): larger batches would never replay a graph"
+        )
     if cfg.runner.name == "whisper" and cfg.vad.max_segment_ms > 30000:
         problems.append("vad.max_segment_ms must be <= 30000 for whisper (it sees 30 s at a time)")
     if cfg.vad.max_segment_ms <= cfg.vad.endpoint_ms:

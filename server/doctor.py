@@ -1,8 +1,9 @@
 """`chorus doctor`: what this machine offers the server, and a short self-benchmark.
 
-Reports versions, the device, its memory, whether a CUDA graph can be captured and
-replayed, and the configured runner's speed on real clips (tests/data when present,
-else synthetic audio) at batch 1 and at the largest configured batch.
+Reports versions, the configured runner's device (runner.device), its memory, whether a
+CUDA graph can be captured and replayed there, and the configured runner's speed on real
+clips (tests/data when present, else synthetic audio) at batch 1 and at the largest
+configured batch. `chorus doctor` exits 1 when the self-benchmark failed.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import sys
 import time
 import wave
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from server.config import Config
+
+if TYPE_CHECKING:
+    import torch
 
 _DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 
@@ -35,15 +39,65 @@ def _clips() -> tuple[list[np.ndarray], str]:
     return [(rng.standard_normal(16000 * 5) * 0.1).astype(np.float32) for _ in range(4)], "synthetic noise (tests/data not found)"
 
 
-def _cuda_facts() -> dict[str, Any]:
+def _doctor_device(config: Config) -> torch.device:
+    """The device the configured runner runs on, as `resolve_device` picks it, with its CUDA index.
+
+    `auto` is cuda when CUDA is available, else cpu; a bare `cuda` is the current CUDA device
+    (0 where CUDA is absent, for the report). Unlike `resolve_device` this never raises: a
+    missing CUDA device is something the doctor reports."""
     import torch
 
-    facts: dict[str, Any] = {"cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda}
-    if not torch.cuda.is_available():
-        facts["graph_capture"] = "skipped: no CUDA device"
+    name = config.runner.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
+
+
+def _graph_capture_check(device: torch.device) -> str:
+    """Capture one matmul into a CUDA graph on `device`, replay it on new input, check the result."""
+    import torch
+
+    try:
+        with torch.cuda.device(device):
+            x = torch.randn(64, 64, device=device)
+            g = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream(device)
+            s.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(s):
+                y = x @ x
+            torch.cuda.current_stream(device).wait_stream(s)
+            with torch.cuda.graph(g):
+                y = x @ x
+            x.copy_(torch.eye(64, device=device))
+            g.replay()
+            torch.cuda.synchronize(device)
+            return "ok" if torch.allclose(y, torch.eye(64, device=device)) else "replay gave wrong values"
+    except Exception as e:  # noqa: BLE001 - a diagnosis, not a failure
+        return f"failed: {e}"
+
+
+def _cuda_facts(config: Config) -> dict[str, Any]:
+    """CUDA facts of the device the configured runner uses (runner.device), not of device 0."""
+    import torch
+
+    device = _doctor_device(config)
+    facts: dict[str, Any] = {"cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda,
+                             "runner_device": str(device)}
+    if device.type != "cuda":
+        facts["graph_capture"] = f"skipped: runner.device is {device.type}"
         return facts
-    props = torch.cuda.get_device_properties(0)
-    free, total = torch.cuda.mem_get_info()
+    if not torch.cuda.is_available():
+        facts["graph_capture"] = f"skipped: no CUDA device (runner.device={config.runner.device})"
+        return facts
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        facts["graph_capture"] = f"skipped: runner.device={config.runner.device} ({device}) but this machine has {count} CUDA device(s)"
+        return facts
+    props = torch.cuda.get_device_properties(device.index)
+    free, total = torch.cuda.mem_get_info(device.index)
     facts.update(
         device=props.name,
         compute_capability=f"{props.major}.{props.minor}",
@@ -55,32 +109,19 @@ def _cuda_facts() -> dict[str, Any]:
     if shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
-            facts["driver"] = out.stdout.strip()
+            lines = out.stdout.strip().splitlines()
+            if lines:
+                facts["driver"] = lines[0].strip()  # one line per GPU; the driver is the same for all
         except (OSError, subprocess.SubprocessError):
             pass
-    try:
-        x = torch.randn(64, 64, device="cuda")
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            y = x @ x
-        torch.cuda.current_stream().wait_stream(s)
-        with torch.cuda.graph(g):
-            y = x @ x
-        x.copy_(torch.eye(64, device="cuda"))
-        g.replay()
-        torch.cuda.synchronize()
-        facts["graph_capture"] = "ok" if torch.allclose(y, torch.eye(64, device="cuda")) else "replay gave wrong values"
-    except Exception as e:  # noqa: BLE001 - a diagnosis, not a failure
-        facts["graph_capture"] = f"failed: {e}"
+    facts["graph_capture"] = _graph_capture_check(device)
     return facts
 
 
 def _bench(config: Config, seconds: float) -> dict[str, Any]:
     from server.runners import ItemOptions, create_runner
 
-    runner = create_runner(config.runner)
+    runner = create_runner(config.runner, max_batch_size=config.batcher.largest_batch)
     t0 = time.monotonic()
     runner.load()
     out: dict[str, Any] = {"load_s": round(time.monotonic() - t0, 2), "runner": runner.describe()}
@@ -125,12 +166,17 @@ def run_doctor(config: Config, bench_seconds: float = 10.0) -> dict[str, Any]:
         "runner_config": {"name": config.runner.name, "model": config.runner.model, "device": config.runner.device,
                           "dtype": config.runner.dtype, "graphs": config.runner.graphs.enabled},
     }
-    report.update(_cuda_facts())
+    report.update(_cuda_facts(config))
     try:
         report["benchmark"] = _bench(config, bench_seconds)
     except Exception as e:  # noqa: BLE001 - report what failed instead of a traceback
         report["benchmark"] = {"error": str(e)}
     return report
+
+
+def benchmark_failed(report: dict[str, Any]) -> bool:
+    """True when the self-benchmark did not run to the end (its error is in the report)."""
+    return "error" in report.get("benchmark", {})
 
 
 def format_report(report: dict[str, Any]) -> str:

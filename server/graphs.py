@@ -1,4 +1,4 @@
-"""Bucketed static-shape execution: one CUDA graph per (batch, frames) bucket, eager fallback.
+"""Bucketed static-shape execution: one captured graph per (batch, frames) bucket, eager fallback.
 
 A model call with real sizes (b, t) is padded into static buffers of the smallest bucket
 (B >= b, T >= t), then the bucket's captured CUDA graph is replayed. The idioms follow
@@ -8,9 +8,21 @@ vLLM's and NeMo's graph runners:
   [:B, :T] view of them, and real data is copied into [:b, :t] with padding elsewhere
   (padding rows get length 0, which the model masks);
 - all graphs share one memory pool, captured largest first so smaller ones reuse it;
-- warm-up runs on a side stream before capture; capture uses thread-local error mode
-  (the batcher's worker is the only thread that replays);
+- warm-up runs on a side stream before capture;
 - sizes beyond the largest bucket run eagerly on their real shapes, and are counted.
+
+Three rules make the captured path safe on first contact with a device, each with a CPU test:
+- warm-up, capture and replay run under `torch.inference_mode()`: a capture with autograd on
+  keeps backward graphs and their activations alive in the graph pool;
+- a replay's outputs are copied out of the graph's static storage before the call returns
+  (one small device copy, queued on the same stream). Graphs share a pool, so any later
+  replay, of any bucket, may reuse the memory of an earlier graph's outputs; with the copy,
+  a batch launched before the previous one is collected cannot overwrite its results;
+- every replay happens on the stream the graphs were captured for (checked): the launch /
+  collect pipeline relies on one stream ordering all batches' copies and kernels.
+
+The device side is a `GraphBackend`: `CudaGraphs` on a GPU. Tests drive the same capture,
+budget and replay logic on a CPU through a stand-in backend.
 
 `GraphMode.BUCKETED` does the same padding but calls the model eagerly: it runs on any
 device, which is how the CPU test suite checks that padding to a bucket is exact.
@@ -22,7 +34,7 @@ import bisect
 import enum
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import torch
 
@@ -42,6 +54,17 @@ class InputSpec:
     """"B" = batch dim, "T" = bucketed length dim, ints = fixed sizes."""
     dtype: torch.dtype
     pad_value: float | int = 0
+
+
+def buckets_up_to(buckets: Sequence[int], limit: int | None) -> list[int]:
+    """The sorted batch buckets a batcher that sends at most `limit` items can use: every
+    bucket up to the first one that holds `limit` (None = all). Capturing larger ones would
+    only hold memory that no batch uses."""
+    sizes = sorted(set(int(b) for b in buckets))
+    if limit is None:
+        return sizes
+    i = bisect.bisect_left(sizes, limit)
+    return sizes[: i + 1]
 
 
 class BucketTable:
@@ -79,11 +102,80 @@ class BucketTable:
         return sorted(((b, t) for b in self.batch_buckets for t in self.frame_buckets), key=lambda bt: (bt[0] * bt[1], bt), reverse=True)
 
 
-class BucketedRunner:
-    """Calls `forward(*inputs)` through static, bucket-shaped buffers (and CUDA graphs on GPU).
+class GraphBackend(Protocol):
+    """What capture and replay need from a device."""
 
-    Outputs of the BUCKETED and CUDA_GRAPHS modes are views into static storage sliced to
-    the real batch: the caller must consume or copy them before the next call.
+    def alloc(self, shape: Sequence[int], dtype: torch.dtype, fill: float | int) -> torch.Tensor:
+        """Static storage that graphs read (counted in `reserved_bytes`)."""
+
+    def new_pool(self) -> Any:
+        """A memory pool graphs captured into it share."""
+
+    def warm(self, fn: Callable[[], Any]) -> None:
+        """Run `fn` outside capture (kernel selection, workspaces)."""
+
+    def capture(self, fn: Callable[[], Any], pool: Any) -> tuple[Any, Any]:
+        """Capture `fn` into `pool`: (graph, the outputs `fn` returned during capture)."""
+
+    def replay(self, graph: Any) -> None: ...
+
+    def stream(self) -> Hashable:
+        """Identity of the calling thread's current stream."""
+
+    def reserved_bytes(self) -> int:
+        """Device memory held, after handing back cached blocks no tensor or pool uses."""
+
+
+class CudaGraphs:
+    """`GraphBackend` of a CUDA device."""
+
+    def __init__(self, device: torch.device) -> None:
+        if torch.device(device).type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.device = torch.device(device)
+
+    def alloc(self, shape: Sequence[int], dtype: torch.dtype, fill: float | int) -> torch.Tensor:
+        return torch.full(tuple(shape), fill, dtype=dtype, device=self.device)
+
+    def new_pool(self) -> Any:
+        return torch.cuda.graph_pool_handle()
+
+    def warm(self, fn: Callable[[], Any]) -> None:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def capture(self, fn: Callable[[], Any], pool: Any) -> tuple[Any, Any]:
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the batcher's worker is the only thread that replays; other threads
+        # may keep using the device while a capture runs.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = fn()
+        return graph, out
+
+    def replay(self, graph: Any) -> None:
+        graph.replay()
+
+    def stream(self) -> Hashable:
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def reserved_bytes(self) -> int:
+        # memory_allocated would miss what a graph pool keeps for a graph's intermediates
+        # (freed after capture, reserved for replays); reserved memory counts it. The regular
+        # allocator's cached free blocks (warm-up workspaces) are handed back first.
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_reserved(self.device)
+
+
+class BucketedRunner:
+    """Calls `forward(*inputs)` through static, bucket-shaped buffers (and captured graphs).
+
+    In CUDA_GRAPHS mode outputs are copies, sliced to the real batch, that no later call
+    touches. In BUCKETED mode they are what `forward` returned on the padded views.
     """
 
     def __init__(
@@ -95,19 +187,22 @@ class BucketedRunner:
         mode: GraphMode,
         memory_budget_bytes: int = 0,
         name: str = "model",
+        backend: GraphBackend | None = None,
     ) -> None:
-        if mode is GraphMode.CUDA_GRAPHS and torch.device(device).type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
+        if mode is GraphMode.CUDA_GRAPHS and backend is None:
+            backend = CudaGraphs(device)  # raises on a device without CUDA graphs
         self.forward = forward
         self.specs = list(inputs)
         self.table = table
         self.device = torch.device(device)
         self.mode = mode
+        self.backend = backend
         self.memory_budget = memory_budget_bytes
         self.name = name
         self._static: list[torch.Tensor] = []
         self._graphs: dict[tuple[int, int], tuple[Any, tuple[torch.Tensor, ...]]] = {}
-        self._pool = None
+        self._pool: Any = None
+        self._stream: Hashable | None = None
         self.stats: dict[str, Any] = {"replays": 0, "bucketed_calls": 0, "eager_fallbacks": 0, "captured": [], "dropped": [], "graph_memory_bytes": 0}
         self._t_axis = [spec.dims.index("T") if "T" in spec.dims else None for spec in self.specs]
         self._b_axis = [spec.dims.index("B") for spec in self.specs]
@@ -121,7 +216,10 @@ class BucketedRunner:
         self._static = []
         for spec in self.specs:
             shape = [self.table.max_batch if d == "B" else self.table.max_frames if d == "T" else int(d) for d in spec.dims]
-            self._static.append(torch.full(shape, spec.pad_value, dtype=spec.dtype, device=self.device))
+            if self.backend is not None:
+                self._static.append(self.backend.alloc(shape, spec.dtype, spec.pad_value))
+            else:
+                self._static.append(torch.full(shape, spec.pad_value, dtype=spec.dtype, device=self.device))
 
     def _views(self, b: int, t: int) -> list[torch.Tensor]:
         out = []
@@ -146,37 +244,53 @@ class BucketedRunner:
     def warmup(self) -> None:
         if self.mode is GraphMode.EAGER:
             return
+        with torch.inference_mode():
+            if self.mode is GraphMode.BUCKETED:
+                self._alloc_static()
+                return
+            self._capture_all()
+
+    def _capture(self, bucket: tuple[int, int]) -> None:
+        assert self.backend is not None
+        views = self._views(*bucket)
+        self.backend.warm(lambda: self.forward(*views))
+        graph, out = self.backend.capture(lambda: self.forward(*views), self._pool)
+        self._graphs[bucket] = (graph, out if isinstance(out, tuple) else (out,))
+
+    def _capture_all(self) -> None:
+        backend = self.backend
+        assert backend is not None
+        self._stream = backend.stream()
+        base = backend.reserved_bytes()  # before the static inputs: they count toward the budget
         self._alloc_static()
-        if self.mode is GraphMode.BUCKETED:
-            return
-        self._pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        base = torch.cuda.memory_allocated(self.device)
+        self._pool = backend.new_pool()
+        kept: list[tuple[int, int]] = []
         for bucket in self.table.buckets():  # largest first: the smaller graphs reuse its pool
-            views = self._views(*bucket)
-            with torch.cuda.stream(side):
-                for _ in range(2):  # kernels chosen and workspaces allocated outside the capture
-                    self.forward(*views)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out = self.forward(*views)
-            outs = out if isinstance(out, tuple) else (out,)
-            used = torch.cuda.memory_allocated(self.device) - base
-            if self.memory_budget and used > self.memory_budget:
-                self.stats["dropped"].append(bucket)
-                log.warning("%s: bucket %s dropped: graphs would use %.1f MiB > budget", self.name, bucket, used / 2**20)
-                del graph, outs
+            self._capture(bucket)
+            used = backend.reserved_bytes() - base
+            if not self.memory_budget or used <= self.memory_budget:
+                kept.append(bucket)
                 continue
-            self._graphs[bucket] = (graph, outs)
-            self.stats["captured"].append(bucket)
-        torch.cuda.synchronize(self.device)
-        self.stats["graph_memory_bytes"] = torch.cuda.memory_allocated(self.device) - base
-        log.info("%s: captured %d CUDA graphs (%.1f MiB)", self.name, len(self._graphs), self.stats["graph_memory_bytes"] / 2**20)
+            self.stats["dropped"].append(bucket)
+            log.warning("%s: bucket %s dropped: graphs would hold %.1f MiB > budget %.1f MiB",
+                        self.name, bucket, used / 2**20, self.memory_budget / 2**20)
+            # Deleting one graph does not hand back what its capture added to the shared
+            # pool; the pool goes only with its last graph. Start a new pool with the kept ones.
+            self._graphs.clear()
+            self._pool = backend.new_pool()
+            for k in kept:
+                self._capture(k)
+        self.stats["captured"] = kept
+        self.stats["graph_memory_bytes"] = backend.reserved_bytes() - base
+        log.info("%s: captured %d graphs (%.1f MiB with static inputs)", self.name, len(self._graphs),
+                 self.stats["graph_memory_bytes"] / 2**20)
 
     # ------------------------------------------------------------------ call
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.inference_mode():
+            return self._call(inputs)
+
+    def _call(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if self.mode is GraphMode.EAGER:
             out = self.forward(*inputs)
             return out if isinstance(out, tuple) else (out,)
@@ -190,13 +304,19 @@ class BucketedRunner:
             return out if isinstance(out, tuple) else (out,)
         if not self._static:  # BUCKETED used without warmup(): allocate on first use
             self._alloc_static()
-        views = self._fill(bucket, inputs)
         if self.mode is GraphMode.CUDA_GRAPHS:
+            assert self.backend is not None
+            if self.backend.stream() != self._stream:
+                raise RuntimeError(
+                    f"{self.name}: graph replay on another stream than the one captured for: batches "
+                    "in flight are ordered by one stream (their copies and kernels), so replays must stay on it"
+                )
+            views = self._fill(bucket, inputs)
             graph, outs = self._graphs[bucket]
-            graph.replay()
+            self.backend.replay(graph)
             self.stats["replays"] += 1
-        else:
-            out = self.forward(*views)
-            outs = out if isinstance(out, tuple) else (out,)
-            self.stats["bucketed_calls"] += 1
-        return tuple(o[:b] for o in outs)
+            return tuple(o[:b].clone() for o in outs)
+        views = self._fill(bucket, inputs)
+        out = self.forward(*views)
+        self.stats["bucketed_calls"] += 1
+        return tuple(o[:b] for o in (out if isinstance(out, tuple) else (out,)))

@@ -48,6 +48,10 @@ class Metrics:
             "chorus_final_latency_seconds", "From the end-of-segment decision to the final being queued for the client.",
             buckets=_LATENCY_BUCKETS, registry=r,
         )
+        self.item_errors = Counter(
+            "chorus_item_errors", "Items that failed alone (bad options or audio, non-finite model output), by error code.",
+            ["code"], registry=r,
+        )
         self.batch_splits = Counter("chorus_batch_splits", "Batches split in halves after running out of device memory.", registry=r)
         self.queue_depth = Gauge("chorus_batcher_queue_depth", "Requests waiting in the batcher.", registry=r)
         self.model_ready = Gauge("chorus_model_ready", "1 once the model is loaded and warm.", registry=r)

@@ -30,7 +30,7 @@ from server.batcher import BatcherStopped, Kind, MicroBatcher, Overloaded
 from server.config import Config
 from server.metrics import Metrics
 from server.protocol.native import StreamConfig
-from server.runners.base import ItemOptions, Transcript
+from server.runners.base import ItemError, ItemOptions, Transcript
 from server.vad.endpointer import Endpointer, EndpointerSettings, SegmentEnded, SpeechStarted
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,12 @@ class Session:
             exc = p.future.exception()
             if exc is not None:
                 # The words are lost for this segment only; say so instead of hanging.
-                code = "overloaded" if isinstance(exc, (Overloaded, BatcherStopped)) else "internal"
+                if isinstance(exc, ItemError):
+                    code = exc.code
+                elif isinstance(exc, (Overloaded, BatcherStopped)):
+                    code = "overloaded"
+                else:
+                    code = "internal"
                 self.output.on_error(code, f"segment {seg.segment_id} could not be recognised: {exc}", False)
                 self.output.on_final(seg.segment_id, "", seg.start_ms, seg.end_ms, seg.cut_ms, {"error": code})
                 continue
@@ -224,7 +229,7 @@ class Session:
             return
         exc = fut.exception()
         if exc is not None:
-            if not isinstance(exc, (Overloaded, BatcherStopped)):
+            if not isinstance(exc, (Overloaded, BatcherStopped, ItemError)):
                 log.warning("partial failed for session %s: %s", self.id, exc)
             return
         t = fut.result()

@@ -17,7 +17,7 @@ import pytest
 from server.batcher import BatcherStopped, Kind, MicroBatcher
 from server.config import BatcherConfig, RunnerConfig
 from server.metrics import Metrics
-from server.runners.base import ItemOptions, Launched, ModelRunner, Transcript
+from server.runners.base import ItemError, ItemOptions, Launched, ModelRunner, Transcript
 
 
 class RecordingRunner(ModelRunner):
@@ -324,3 +324,59 @@ def test_out_of_memory_while_collecting_is_split_not_dropped():
     b, res = _pipeline(r, 4, max_batch_size=4)
     assert [t.text for t in res] == [str(16000 + i) for i in range(4)]
     assert b.metrics.registry.get_sample_value("chorus_batch_splits_total") >= 1
+
+
+def test_an_item_error_fails_only_its_request():
+    """A runner answers a bad item with an ItemError in its place: that request alone fails,
+    with the runner's code; the items batched with it get their results."""
+
+    class OneBadItem(RecordingRunner):
+        def transcribe(self, audios, options):
+            out = super().transcribe(audios, options)
+            return [ItemError("bad_config", "unknown language 'xx'") if o.language == "xx" else t
+                    for t, o in zip(out, options)]
+
+    async def main():
+        r = OneBadItem()
+        b = make(r)
+        b.start(asyncio.get_running_loop())
+        langs = ["en", "xx", "en"]
+        futs = [b.submit(audio(1.0 + i * 0.1), ItemOptions(lang), Kind.FINAL, f"s{i}") for i, lang in enumerate(langs)]
+        res = await asyncio.gather(*futs, return_exceptions=True)
+        b.stop()
+        return r, b, res
+
+    r, b, res = run(main())
+    assert len(r.batches) == 1 and len(r.batches[0]) == 3  # one batch, all three in it
+    assert res[0].text == "16000" and res[2].text == "19200"
+    assert isinstance(res[1], ItemError) and res[1].code == "bad_config"
+    assert b.metrics.registry.get_sample_value("chorus_item_errors_total", {"code": "bad_config"}) == 1
+
+
+class FaultingDeviceRunner(DeviceRunner):
+    """A CUDA fault in batch N's kernels is reported by the next call into the device, once
+    (as CUDA reports an asynchronous error): here the launch of batch N+1. Batch N's own sync
+    then returns normally, with whatever its faulted kernels left."""
+
+    def __init__(self, faulty_length: int) -> None:
+        super().__init__(asynchronous=True)
+        self.faulty_length = faulty_length
+        self.pending_fault = False
+
+    def launch(self, audios, options):
+        if self.pending_fault:
+            self.pending_fault = False
+            self.gate.wait(5)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        launched = super().launch(audios, options)
+        self.pending_fault = any(len(a) == self.faulty_length for a in audios)
+        return launched
+
+
+def test_device_fault_is_reported_against_the_batch_in_flight():
+    """Batch 16001 faults on the device; the fault surfaces while batch 16002 is launched.
+    16001's request gets the error, 16002 is launched again on its own and gets its text."""
+    r = FaultingDeviceRunner(faulty_length=16001)
+    _, res = _pipeline(r, 3)
+    assert res[0].text == "16000" and res[2].text == "16002", res
+    assert isinstance(res[1], RuntimeError) and "illegal memory access" in str(res[1])

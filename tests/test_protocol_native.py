@@ -145,6 +145,63 @@ def test_build_config_rejects_unknown_fields():
     assert code_of(build_config, {"rate": 16000}).code == "bad_config"
 
 
+# The codes a loaded model accepts (ModelRunner.languages()); a made-up set keeps these fast.
+MODEL_LANGUAGES = frozenset({"auto", "zh", "en", "yue", "ja", "ko", "nospeech"})
+
+
+@pytest.mark.parametrize("given,expected", [("en", "en"), (" EN ", "en"), ("Yue", "yue"), ("auto", "auto")])
+def test_languages_accepts_the_models_codes(given, expected):
+    assert build_config({"language": given}, languages=MODEL_LANGUAGES).language == expected
+    assert build_config({}, default_language=given, languages=MODEL_LANGUAGES).language == expected
+
+
+@pytest.mark.parametrize("given", ["xx", "de", "zh-yue", "AUTOX"])
+def test_languages_refuses_other_codes_and_lists_the_supported_ones(given):
+    e = code_of(build_config, {"language": given}, languages=MODEL_LANGUAGES)
+    assert e.code == "bad_config" and e.fatal
+    assert repr(given) in e.message and "not supported" in e.message
+    assert e.message.endswith("use one of: auto, en, ja, ko, nospeech, yue, zh"), e.message
+
+
+def test_languages_refuses_an_unsupported_default_language_too():
+    e = code_of(build_config, {}, default_language="xx", languages=MODEL_LANGUAGES)
+    assert e.code == "bad_config" and "'xx'" in e.message
+
+
+def test_languages_without_auto_refuses_auto():
+    e = code_of(build_config, {"language": "auto"}, languages={"en", "de"})
+    assert e.code == "bad_config" and e.message.endswith("use one of: de, en")
+
+
+def test_languages_none_keeps_the_format_check_only():
+    assert build_config({"language": "xx"}).language == "xx"
+    assert build_config({"language": "xx"}, languages=None).language == "xx"
+    e = code_of(build_config, {"language": "en_US"}, languages=None)
+    assert "2-8 letter" in e.message and "supports" not in e.message
+
+
+def test_languages_malformed_code_gets_format_message_and_the_list():
+    e = code_of(build_config, {"language": "en_US"}, languages=MODEL_LANGUAGES)
+    assert e.code == "bad_config" and "2-8 letter" in e.message and "'en_US'" in e.message
+    assert e.message.endswith("this model supports: auto, en, ja, ko, nospeech, yue, zh")
+
+
+@pytest.mark.parametrize("languages", [MODEL_LANGUAGES, None])
+def test_long_language_value_is_not_echoed_back(languages):
+    garbage = "q" * 31 + "<script>" + "z" * 100_000
+    e = code_of(build_config, {"language": garbage}, languages=languages)
+    assert e.code == "bad_config"
+    assert "q" * 31 + "<" in e.message and "script" not in e.message and "zzz" not in e.message
+    assert "100039 characters" in e.message and len(e.message) < 1000
+
+
+def test_long_list_of_languages_is_bounded():
+    many = frozenset({"auto"} | {f"l{i:05d}" for i in range(5000)})
+    e = code_of(build_config, {"language": "xx"}, languages=many)
+    assert e.code == "bad_config" and len(e.message) < 1000
+    assert "use one of: auto, l00000, l00001," in e.message and "more)" in e.message
+
+
 # ---------------------------------------------------------------------- server messages
 
 

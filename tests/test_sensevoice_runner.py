@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from server.config import RunnerConfig
-from server.runners.base import ItemOptions, RunnerError
+from server import graphs
+from server.runners.base import ItemError, ItemOptions, RunnerError
 from server.runners.random_weights import write_sensevoice_dir
 from server.runners.sensevoice import SenseVoiceRunner
 from server.runners.sensevoice.core import sinusoidal_encoding
@@ -137,9 +138,16 @@ def test_itn_default_comes_from_config(model_dir: Path, runner: SenseVoiceRunner
     assert tokens(off.transcribe([a], [ItemOptions("en")]))[0] == explicit
 
 
-def test_unknown_language_is_an_error(runner: SenseVoiceRunner, clips: list[np.ndarray]) -> None:
-    with pytest.raises(RunnerError, match="language"):
-        runner.transcribe([clips[0]], [ItemOptions(language="de")])
+def test_a_poisoned_item_fails_alone(runner: SenseVoiceRunner, clips: list[np.ndarray]) -> None:
+    """An unknown language or non-finite samples fail that item with its own error; the items
+    batched with it get exactly the tokens they get alone."""
+    alone = tokens(runner.transcribe(clips[:2], [ItemOptions("en")] * 2))
+    nan = clips[2].copy()
+    nan[50] = np.inf
+    out = runner.transcribe([clips[0], clips[1], clips[1], nan], [ItemOptions("en"), ItemOptions("de"), ItemOptions("en"), ItemOptions("en")])
+    assert isinstance(out[1], ItemError) and out[1].code == "bad_config" and "'de'" in str(out[1]) and "'en'" in str(out[1])
+    assert isinstance(out[3], ItemError) and out[3].code == "bad_audio"
+    assert tokens([out[0], out[2]]) == alone
 
 
 def test_empty_and_tiny_arrays_do_not_crash(runner: SenseVoiceRunner, clips: list[np.ndarray]) -> None:
@@ -173,12 +181,12 @@ def test_core_is_padding_invariant(runner: SenseVoiceRunner, clips: list[np.ndar
     lang = torch.tensor([4, 3, 0])
     norm = torch.tensor([14, 15, 14])
     with torch.inference_mode():
-        ids, out_lens = runner.core(feats, lens, lang, norm)
+        ids, out_lens, _ = runner.core(feats, lens, lang, norm)
         # Pad to a larger (batch, frames) bucket, with a zero-length padding row, as graphs do.
         big = torch.zeros(b + 2, t + 37, d)
         big[:b, :t] = feats
         big[b + 1, :5] = 3.0  # garbage in a padding row must not leak into real rows
-        big_ids, big_lens = runner.core(
+        big_ids, big_lens, _ = runner.core(
             big, torch.cat([lens, torch.tensor([0, 5])]), torch.cat([lang, torch.tensor([0, 0])]),
             torch.cat([norm, torch.tensor([15, 15])]),
         )
@@ -323,7 +331,6 @@ def test_describe(runner: SenseVoiceRunner) -> None:
 
 def test_bucketed_forward_equals_eager(runner: SenseVoiceRunner, clips: list[np.ndarray]) -> None:
     """Through server.graphs' bucket padding (eager replay on CPU) the ids are unchanged."""
-    graphs = pytest.importorskip("server.graphs")
     core_inputs = (
         graphs.InputSpec("feats", ("B", "T", 560), torch.float32, 0.0),
         graphs.InputSpec("feat_lens", ("B",), torch.long, 0),
@@ -337,7 +344,7 @@ def test_bucketed_forward_equals_eager(runner: SenseVoiceRunner, clips: list[np.
     feats, lens = _features(runner, clips[:3])
     lang, norm = torch.tensor([4, 0, 3]), torch.tensor([14, 15, 14])
     with torch.inference_mode():
-        ids, out_lens = runner.core(feats, lens, lang, norm)
+        ids, out_lens, _ = runner.core(feats, lens, lang, norm)
         b_ids, b_lens = bucketed(feats, lens, lang, norm)[:2]
     assert b_lens.tolist() == out_lens.tolist()
     for i in range(3):
@@ -353,4 +360,4 @@ def test_core_traces_as_one_graph(runner: SenseVoiceRunner) -> None:
     args = (feats, torch.tensor([50, 30]), torch.tensor([4, 0]), torch.tensor([14, 15]))
     with torch.inference_mode():
         traced, eager = compiled(*args), runner.core(*args)
-    assert torch.equal(traced[0], eager[0]) and torch.equal(traced[1], eager[1])
+    assert all(torch.equal(a, b) for a, b in zip(traced, eager)) and len(traced) == 3

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from server.config import RunnerConfig
-from server.runners.base import ItemOptions, RunnerError
+from server.runners.base import ItemError, ItemOptions, RunnerError
 from server.runners.whisper import WhisperRunner, assets
 from server.runners.whisper.ct2 import read_ct2
 from server.features.logmel import LogMel, mel_filters
@@ -73,10 +73,23 @@ def test_short_and_long_inputs(whisper_runner):
     tiny = whisper_runner.transcribe([np.zeros(0, np.float32), dc, speech], [ItemOptions()] * 3)
     assert [r.text for r in tiny[:2]] == ["", ""]
     assert len(tiny[2].text.split()) <= 3  # whatever it hears in 0.2 s, it does not invent a sentence
-    with pytest.raises(RunnerError, match="at most 30"):
-        whisper_runner.transcribe([np.zeros(31 * 16000, np.float32)], [ItemOptions()])
-    with pytest.raises(RunnerError, match="unknown language"):
-        whisper_runner.transcribe([np.zeros(16000, np.float32)], [ItemOptions("klingon")])
+
+
+def test_a_poisoned_item_fails_alone(whisper_runner, clips):
+    """An unknown language, an over-long item or non-finite samples fail that item with its
+    own error; the items batched with it get exactly the text they get alone."""
+    good = clips[:2]
+    alone = whisper_runner.transcribe(good, [ItemOptions("en")] * 2)
+    nan = clips[2].copy()
+    nan[100] = np.nan
+    items = [good[0], good[1], good[1], np.zeros(31 * 16000, np.float32), nan]
+    opts = [ItemOptions("en"), ItemOptions("xx"), ItemOptions("en"), ItemOptions("en"), ItemOptions("en")]
+    out = whisper_runner.transcribe(items, opts)
+    assert len(out) == 5
+    assert isinstance(out[1], ItemError) and out[1].code == "bad_config" and "unknown language 'xx'" in str(out[1])
+    assert isinstance(out[3], ItemError) and out[3].code == "bad_audio" and "at most 30" in str(out[3])
+    assert isinstance(out[4], ItemError) and out[4].code == "bad_audio" and "NaN" in str(out[4])
+    assert [(r.text, r.fields["tokens"]) for r in (out[0], out[2])] == [(r.text, r.fields["tokens"]) for r in alone]
 
 
 def test_logmel_matches_a_plain_numpy_reference():

@@ -15,7 +15,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from server.audio.codecs import ENCODINGS
 
@@ -25,6 +25,10 @@ CONFIG_KEYS = ("sample_rate", "encoding", "language", "interim_results", "endpoi
 _QUERY_PASSTHROUGH = ("token",)
 _LANGUAGE_RE = re.compile(r"[a-z-]{2,8}")
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
+# A client's value is echoed in an error message only up to this many characters.
+_ECHO_CHARS = 32
+# Error messages list the supported language codes up to about this many characters.
+_LIST_CHARS = 800
 
 
 @dataclass(frozen=True)
@@ -145,8 +149,39 @@ def _int_field(fields: Mapping, key: str, lo: int, hi: int) -> int | None:
     return value
 
 
-def build_config(fields: Mapping, default_language: str = "auto", max_segment_ms_limit: int = 30000) -> StreamConfig:
-    """Validate the given config fields (from ``parse_query`` or ``Start``) into a StreamConfig."""
+def _echo(value: Any) -> str:
+    """A client's value for an error message: its repr, cut to ``_ECHO_CHARS`` characters."""
+    if isinstance(value, str) and len(value) > _ECHO_CHARS:
+        return f"{value[:_ECHO_CHARS]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= _ECHO_CHARS else text[:_ECHO_CHARS] + "..."
+
+
+def _code_list(codes: Collection[str]) -> str:
+    """Supported language codes for an error message: "auto" first, then sorted; bounded."""
+    ordered = (["auto"] if "auto" in codes else []) + sorted(c for c in codes if c != "auto")
+    shown: list[str] = []
+    used = 0
+    for code in ordered:
+        if used + len(code) + 2 > _LIST_CHARS:
+            shown.append(f"... ({len(ordered) - len(shown)} more)")
+            break
+        shown.append(code)
+        used += len(code) + 2
+    return ", ".join(shown)
+
+
+def build_config(
+    fields: Mapping,
+    default_language: str = "auto",
+    max_segment_ms_limit: int = 30000,
+    languages: Collection[str] | None = None,
+) -> StreamConfig:
+    """Validate the given config fields (from ``parse_query`` or ``Start``) into a StreamConfig.
+
+    ``languages``: the codes the loaded model accepts ("auto" included; from
+    ``ModelRunner.languages()``); a language outside it is a ``bad_config``. None accepts any
+    well-formed code."""
     unknown = sorted(k for k in fields if k not in CONFIG_KEYS)
     if unknown:
         raise _bad_config(f"unknown config field(s) {', '.join(unknown)}; allowed: {', '.join(CONFIG_KEYS)}")
@@ -162,13 +197,17 @@ def build_config(fields: Mapping, default_language: str = "auto", max_segment_ms
             raise _bad_config(f"encoding must be one of {', '.join(ENCODINGS)}, got {enc!r}")
         out["encoding"] = enc
 
-    lang = fields.get("language", default_language)
-    if not isinstance(lang, str):
-        raise _bad_config(f"language must be \"auto\" or a language code such as \"en\", got {lang!r}")
-    lang = lang.strip().lower()
+    given = fields.get("language", default_language)
+    if not isinstance(given, str):
+        raise _bad_config(f"language must be \"auto\" or a language code such as \"en\", got {_echo(given)}")
+    lang = given.strip().lower()
     if lang != "auto" and not _LANGUAGE_RE.fullmatch(lang):
-        given = fields.get("language", default_language)
-        raise _bad_config(f"language must be \"auto\" or a 2-8 letter code of a-z and '-' such as \"en\", got {given!r}")
+        supported = f"; this model supports: {_code_list(languages)}" if languages is not None else ""
+        raise _bad_config(
+            f"language must be \"auto\" or a 2-8 letter code of a-z and '-' such as \"en\", got {_echo(given)}{supported}"
+        )
+    if languages is not None and lang not in languages:
+        raise _bad_config(f"language {_echo(given)} is not supported by this model; use one of: {_code_list(languages)}")
     out["language"] = lang
 
     if "interim_results" in fields:

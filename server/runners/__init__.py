@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from server.config import RunnerConfig
-from server.runners.base import ItemOptions, ModelRunner, RunnerError, Transcript
+from server.runners.base import ItemError, ItemOptions, ModelRunner, RunnerError, Transcript
 
 _REGISTRY = {
     "whisper": "server.runners.whisper:WhisperRunner",
@@ -17,15 +17,16 @@ _REGISTRY = {
 }
 
 
-def create_runner(config: RunnerConfig) -> ModelRunner:
-    """Build (but do not load) the runner that ``config.name`` names."""
+def create_runner(config: RunnerConfig, max_batch_size: int | None = None) -> ModelRunner:
+    """Build (but do not load) the runner that ``config.name`` names. ``max_batch_size``: the
+    most items one call will get (the batcher's limit), which bounds what graphs allocate."""
     try:
         target = _REGISTRY[config.name]
     except KeyError:
         raise RunnerError(f"unknown runner {config.name!r}; choose one of {sorted(_REGISTRY)}") from None
     module_name, cls_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(config)
+    return cls(config, max_batch_size=max_batch_size)
 
 
-__all__ = ["ItemOptions", "ModelRunner", "RunnerError", "Transcript", "create_runner"]
+__all__ = ["ItemError", "ItemOptions", "ModelRunner", "RunnerError", "Transcript", "create_runner"]

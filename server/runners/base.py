@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence, Union
 
 import numpy as np
 
@@ -46,21 +46,36 @@ class RunnerError(RuntimeError):
     """A model cannot be loaded or run; the message says what to do about it."""
 
 
+class ItemError(RunnerError):
+    """One item of a batch cannot be recognised (bad options, unusable audio, non-finite model
+    output). A runner returns it in that item's place in the results, so the other items of
+    the batch still get their text: a bad item fails alone, never its batch."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        """Machine-readable reason, sent to the client as the error code (e.g. `bad_config`)."""
+
+
+ItemResult = Union[Transcript, ItemError]
+
+
 class Launched:
     """A batch whose device work has been queued: `result()` waits for it (one device sync)
     and does the host-side post-processing. Call `result()` exactly once."""
 
-    def __init__(self, finish: Callable[[], list[Transcript]]) -> None:
+    def __init__(self, finish: Callable[[], list[ItemResult]]) -> None:
         self._finish = finish
         self.stages: dict[str, float] = {}
         """Seconds this batch spent per stage (e.g. features, model, decode), filled in by
         `result()` where the runner measures them; exported as chorus_stage_seconds."""
 
     @classmethod
-    def done(cls, results: list[Transcript]) -> "Launched":
+    def done(cls, results: list[ItemResult]) -> "Launched":
         return cls(lambda: results)
 
-    def result(self) -> list[Transcript]:
+    def result(self) -> list[ItemResult]:
+        """One entry per item, in order: its Transcript, or the ItemError that item alone failed with."""
         return self._finish()
 
 
@@ -72,8 +87,14 @@ class ModelRunner(abc.ABC):
     max_item_seconds: ClassVar[float] = float("inf")
     """Longest single item the model accepts; the endpointer cuts segments below it."""
 
-    def __init__(self, config: RunnerConfig) -> None:
+    def __init__(self, config: RunnerConfig, max_batch_size: int | None = None, graph_backend: Any = None) -> None:
         self.config = config
+        self.max_batch_size = max_batch_size
+        """Most items the batcher sends in one call (None = unknown): graph buckets and static
+        buffers beyond the bucket that holds it are not allocated."""
+        self.graph_backend = graph_backend
+        """A `server.graphs.GraphBackend` to capture with instead of the device's own (tests run
+        the captured path on a CPU with a stand-in); used only when `config.graphs.enabled`."""
         self.asynchronous = False
         """True when `launch` returns while the device still works (CUDA), so the batcher can
         prepare and queue the next batch before collecting this one. Set by `load`."""
@@ -83,8 +104,16 @@ class ModelRunner(abc.ABC):
         """Read weights, move to the configured device and dtype, warm up if configured."""
 
     @abc.abstractmethod
-    def transcribe(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[Transcript]:
-        """Recognise a batch of float32 mono 16 kHz arrays of any lengths; one result per item."""
+    def transcribe(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[ItemResult]:
+        """Recognise a batch of float32 mono 16 kHz arrays of any lengths; one result per item:
+        a Transcript, or an ItemError for an item that fails alone. Raising fails the whole
+        batch and is for faults of the model or device, never for one item's content."""
+
+    def languages(self) -> frozenset[str] | None:
+        """Language codes an item may ask for, "auto" included; None if any code is accepted.
+        Valid after `load()`. Sessions are refused at `start` with a language outside this set,
+        so an unsupported language never reaches a batch."""
+        return None
 
     def launch(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> Launched:
         """Queue a batch's device work and return without waiting for it, where the device

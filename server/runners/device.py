@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 
@@ -33,6 +34,24 @@ def resolve_dtype(config: RunnerConfig, device: torch.device) -> torch.dtype:
         # Half precision on CPU is slower than fp32 and loses accuracy; refuse instead of surprising.
         raise RunnerError(f"runner.dtype={config.dtype} needs a CUDA device; use float32 on CPU")
     return dtype
+
+
+def graph_backend_for(config: RunnerConfig, device: torch.device, given: Any = None) -> Any:
+    """The GraphBackend a runner captures with: None (eager) unless `graphs.enabled`; then the
+    stand-in it was given, else CUDA graphs on a CUDA device, else None."""
+    if not config.graphs.enabled:
+        return None
+    if given is not None:
+        return given
+    if device.type == "cuda":
+        from server.graphs import CudaGraphs
+
+        return CudaGraphs(device)
+    return None
+
+
+def graph_budget_bytes(config: RunnerConfig) -> int:
+    return int(config.graphs.memory_budget_gb * (1 << 30))
 
 
 def device_facts(device: torch.device) -> dict[str, str]:

@@ -146,6 +146,9 @@ class NativeConnection:
             fields,
             default_language=self.cfg.default_language,
             max_segment_ms_limit=self.app.max_segment_ms_limit(),
+            # Sessions are admitted only once the model is loaded, so this set is known here; a
+            # language outside it is refused now rather than failing the batches it would join.
+            languages=self.app.runner.languages(),
         )
         self.session = Session(self.app.config, stream, self.app.batcher, self, self.app.metrics)
         eff = stream.to_dict()

@@ -35,10 +35,12 @@ def sinusoidal_encoding(num_positions: int, depth: int) -> torch.Tensor:
 
 class SenseVoiceCore(nn.Module):
     """feats [B, T, 560], feat_lens [B], lang_ids [B], textnorm_ids [B]
-    -> (token ids [B, T + 4] = argmax of the CTC logits per frame, out_lens [B] = feat_lens + 4).
+    -> (token ids [B, T + 4] = argmax of the CTC logits per frame, out_lens [B] = feat_lens + 4,
+        finite [B] = every logit of the row's valid frames is finite).
 
-    `model` is a built funasr `SenseVoiceSmall`; its modules are shared, not copied.
-    `max_frames` sizes the precomputed buffers; longer inputs grow them (eager only).
+    `model` is a built funasr `SenseVoiceSmall`; its modules are shared, not copied, and every
+    buffer of this module is made on their device. `max_frames` sizes the precomputed buffers;
+    longer inputs grow them (eager only).
     """
 
     def __init__(self, model: nn.Module, max_frames: int = 3000) -> None:
@@ -48,7 +50,9 @@ class SenseVoiceCore(nn.Module):
         self.ctc_lo = model.ctc.ctc_lo
         self.input_size = self.embed.embedding_dim
         self.scale = float(self.encoder.output_size()) ** 0.5
-        self.register_buffer("event_emo_ids", torch.tensor(_EVENT_EMO_IDS, dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "event_emo_ids", torch.tensor(_EVENT_EMO_IDS, dtype=torch.long, device=self.embed.weight.device), persistent=False
+        )
         self._set_tables(max_frames + NUM_QUERY_FRAMES)
 
     def _set_tables(self, num_positions: int) -> None:
@@ -65,7 +69,21 @@ class SenseVoiceCore(nn.Module):
         feat_lens: torch.Tensor,
         lang_ids: torch.Tensor,
         textnorm_ids: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, out_lens, valid = self.logits(feats, feat_lens, lang_ids, textnorm_ids)
+        # A row whose scores overflowed (float16) has no meaningful argmax: flag it, without a sync.
+        finite = (torch.isfinite(logits).all(dim=-1) | ~valid).all(dim=-1)
+        # argmax of the logits equals argmax of funasr's log_softmax (a monotone shift per frame).
+        return logits.argmax(dim=-1), out_lens, finite
+
+    def logits(
+        self,
+        feats: torch.Tensor,
+        feat_lens: torch.Tensor,
+        lang_ids: torch.Tensor,
+        textnorm_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CTC logits [B, T + 4, vocab], out_lens [B], and the valid-frame mask [B, T + 4]."""
         batch, frames, _ = feats.shape
         total = frames + NUM_QUERY_FRAMES
         if total > self.pos_enc.shape[0]:  # a Python shape check: no device sync
@@ -78,7 +96,8 @@ class SenseVoiceCore(nn.Module):
         out_lens = feat_lens + NUM_QUERY_FRAMES
 
         # funasr's mask is float [B, 1, T]: 1 on valid frames, 0 on padding.
-        mask = (self.positions[:total].unsqueeze(0) < out_lens.unsqueeze(1)).to(x.dtype).unsqueeze(1)
+        valid = self.positions[:total].unsqueeze(0) < out_lens.unsqueeze(1)
+        mask = valid.to(x.dtype).unsqueeze(1)
         x = x * self.scale + self.pos_enc[:total]
 
         encoder = self.encoder
@@ -91,5 +110,4 @@ class SenseVoiceCore(nn.Module):
             x = layer(x, mask)[0]
         x = encoder.tp_norm(x)
 
-        # argmax of the logits equals argmax of funasr's log_softmax (a monotone shift per frame).
-        return self.ctc_lo(x).argmax(dim=-1), out_lens
+        return self.ctc_lo(x), out_lens, valid

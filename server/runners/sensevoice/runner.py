@@ -19,8 +19,11 @@ import torch
 
 from server.config import RunnerConfig
 from server.features.fbank import BatchFrontend, FbankOptions, load_cmvn, pad_waveforms
-from server.runners.base import ItemOptions, Launched, ModelRunner, RunnerError, Transcript
-from server.runners.device import StageClock, device_facts, resolve_device, resolve_dtype
+from server.graphs import BucketedRunner, BucketTable, GraphMode, InputSpec, buckets_up_to
+from server.runners.base import ItemError, ItemOptions, ItemResult, Launched, ModelRunner, RunnerError, Transcript
+from server.runners.device import (
+    StageClock, device_facts, graph_backend_for, graph_budget_bytes, resolve_device, resolve_dtype,
+)
 from server.runners.sensevoice.core import NUM_QUERY_FRAMES, SenseVoiceCore
 from server.runners.sensevoice.model_dir import ModelFiles, resolve_model_dir
 
@@ -129,15 +132,15 @@ class SenseVoiceRunner(ModelRunner):
 
     name = "sensevoice"
 
-    def __init__(self, config: RunnerConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: RunnerConfig, max_batch_size: int | None = None, graph_backend: Any = None) -> None:
+        super().__init__(config, max_batch_size, graph_backend)
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
         self.frontend: BatchFrontend | None = None
         self.model: torch.nn.Module | None = None
         """funasr's SenseVoiceSmall (its modules are shared with `core`)."""
         self.core: SenseVoiceCore | None = None
-        self._forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._forward: BucketedRunner | None = None
         self._sp: Any = None
         self._graph_mode = "eager"
         self._num_params = 0
@@ -169,7 +172,9 @@ class SenseVoiceRunner(ModelRunner):
         model.to(self.device, self.dtype).eval()
         self._num_params = sum(p.numel() for p in model.parameters())
         self.model = model
-        self.core = SenseVoiceCore(model).eval()
+        # The core's own buffers (positions, query ids) must sit with the weights: moved here
+        # as a whole, whatever device its constructor saw.
+        self.core = SenseVoiceCore(model).to(self.device).eval()
         self._forward = self._route_through_graphs(self.core, opts.output_size)
         # One sync per batch and nothing on the host between launch and result: on CUDA the
         # batcher may queue the next batch before collecting this one.
@@ -182,12 +187,11 @@ class SenseVoiceRunner(ModelRunner):
         if self.config.warmup:
             self._warmup()
 
-    def _route_through_graphs(self, core: SenseVoiceCore, feat_dim: int) -> Callable[..., Any]:
+    def _route_through_graphs(self, core: SenseVoiceCore, feat_dim: int) -> BucketedRunner:
         """BucketedRunner from server.graphs (eager on CPU, CUDA graphs on GPU when enabled)."""
-        from server.graphs import BucketedRunner, BucketTable, InputSpec
-
         g = self.config.graphs
         assert self.device is not None and self.dtype is not None
+        backend = graph_backend_for(self.config, self.device, self.graph_backend)
         runner = BucketedRunner(
             core,
             inputs=(
@@ -196,15 +200,15 @@ class SenseVoiceRunner(ModelRunner):
                 InputSpec("lang_ids", ("B",), torch.long, 0),
                 InputSpec("textnorm_ids", ("B",), torch.long, 0),
             ),
-            table=BucketTable(g.batch_buckets, g.frame_buckets),
+            table=BucketTable(buckets_up_to(g.batch_buckets, self.max_batch_size), g.frame_buckets),
             device=self.device,
-            mode=BucketedRunner.mode_for(self.device, g.enabled),
-            memory_budget_bytes=int(g.memory_budget_gb * (1 << 30)),
+            mode=GraphMode.CUDA_GRAPHS if backend is not None else GraphMode.EAGER,
+            memory_budget_bytes=graph_budget_bytes(self.config),
             name="sensevoice",
+            backend=backend,
         )
         runner.warmup()
-        mode = getattr(runner, "mode", "bucketed")
-        self._graph_mode = getattr(mode, "value", str(mode))
+        self._graph_mode = runner.mode.value
         return runner
 
     def _warmup(self) -> None:
@@ -215,25 +219,30 @@ class SenseVoiceRunner(ModelRunner):
 
     # ------------------------------------------------------------------ inference
 
-    def _query_ids(self, options: Sequence[ItemOptions]) -> tuple[list[int], list[int]]:
-        langs, norms = [], []
-        for opt in options:
-            if opt.language not in LANGUAGE_IDS:
-                raise RunnerError(
-                    f"sensevoice does not know language {opt.language!r}; use one of {sorted(LANGUAGE_IDS)}"
-                )
-            langs.append(LANGUAGE_IDS[opt.language])
-            itn = self.config.sensevoice.use_itn if opt.itn is None else opt.itn
-            norms.append(TEXTNORM_IDS["withitn" if itn else "woitn"])
-        return langs, norms
+    def languages(self) -> frozenset[str] | None:
+        return frozenset(LANGUAGE_IDS)
+
+    def _item_error(self, audio: np.ndarray, option: ItemOptions) -> ItemError | None:
+        if option.language not in LANGUAGE_IDS:
+            return ItemError("bad_config", f"sensevoice does not know language {option.language!r}; use one of {sorted(LANGUAGE_IDS)}")
+        if not np.isfinite(audio).all():
+            return ItemError("bad_audio", "audio contains NaN or infinite samples")
+        return None
+
+    def _textnorm_id(self, option: ItemOptions) -> int:
+        itn = self.config.sensevoice.use_itn if option.itn is None else option.itn
+        return TEXTNORM_IDS["withitn" if itn else "woitn"]
 
     @torch.inference_mode()
     def _launch_ids(
         self, audios: Sequence[np.ndarray], lang_ids: Sequence[int], textnorm_ids: Sequence[int], clock: StageClock
-    ) -> Callable[[], list[np.ndarray]]:
+    ) -> Callable[[], list[tuple[np.ndarray, bool]]]:
         """Queue one batch on the device; the returned function waits for it (the batch's one
-        device sync) and gives the collapsed CTC token ids per item. Items must be at least
-        one frame long."""
+        device sync) and gives, per item, the collapsed CTC token ids and whether the model's
+        scores were finite. Items must be at least one frame long.
+
+        The host->device copies come first, from pinned memory on CUDA, and nothing between
+        them and the device->host copy at the end reads the device."""
         if self.frontend is None or self._forward is None:
             raise RunnerError("SenseVoiceRunner.load() has not been called")
         waves, lengths = pad_waveforms(list(audios))
@@ -249,11 +258,11 @@ class SenseVoiceRunner(ModelRunner):
         lengths_d, lang, norm = meta.to(self.device, non_blocking=True).unbind(0)
         feats, feat_lens = self.frontend(waves, lengths_d)
         clock.mark("features")
-        ids, out_lens = self._forward(feats.to(self.dtype), feat_lens, lang, norm)
-        # One device->host copy for the whole batch: ids with the lengths as a last column. It is
-        # queued now (into pinned memory on CUDA) so that a later batch's replay of the same
-        # graph, queued behind it on the stream, cannot overwrite the outputs first.
-        packed = torch.cat([ids[: len(audios)], out_lens[: len(audios), None].to(ids.dtype)], dim=1)
+        ids, out_lens, finite = self._forward(feats.to(self.dtype), feat_lens, lang, norm)
+        # One device->host copy for the whole batch: ids, then the length and the finite flag
+        # as two last columns, queued now into pinned memory on CUDA.
+        n = len(audios)
+        packed = torch.cat([ids[:n], out_lens[:n, None].to(ids.dtype), finite[:n, None].to(ids.dtype)], dim=1)
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=cuda)
         host.copy_(packed, non_blocking=True)
         clock.mark("model")
@@ -261,19 +270,20 @@ class SenseVoiceRunner(ModelRunner):
         if done is not None:
             done.record()
 
-        def wait() -> list[np.ndarray]:
+        def wait() -> list[tuple[np.ndarray, bool]]:
             if done is not None:
                 done.synchronize()
             rows = host.numpy()
-            return [ctc_collapse(row[: int(row[-1])]) for row in rows]
+            return [(ctc_collapse(row[: int(row[-2])]), bool(row[-1])) for row in rows]
 
         return wait
 
     def infer_ids(self, audios: Sequence[np.ndarray], lang_ids: Sequence[int], textnorm_ids: Sequence[int]) -> list[np.ndarray]:
         """Collapsed CTC token ids per item, synchronously (tests compare them with funasr's)."""
-        return self._launch_ids(audios, lang_ids, textnorm_ids, StageClock(self.device or torch.device("cpu")))()
+        rows = self._launch_ids(audios, lang_ids, textnorm_ids, StageClock(self.device or torch.device("cpu")))()
+        return [tokens for tokens, _ in rows]
 
-    def transcribe(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[Transcript]:
+    def transcribe(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[ItemResult]:
         return self.launch(audios, options).result()
 
     def launch(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> Launched:
@@ -281,26 +291,36 @@ class SenseVoiceRunner(ModelRunner):
             raise RunnerError(f"{len(audios)} audios but {len(options)} option sets")
         if self.frontend is None:
             raise RunnerError("SenseVoiceRunner.load() has not been called")
-        lang_ids, norm_ids = self._query_ids(options)
         min_samples = self.frontend.opts.frame_length
-        # Shorter than one 25 ms frame: funasr would shrink the window; there is nothing to hear.
-        live = [i for i, a in enumerate(audios) if len(a) >= min_samples]
-        results: list[Transcript] = [
-            Transcript(text="", language=None, fields={"emotion": None, "event": None, "raw_text": "", "tokens": []})
-            for _ in audios
-        ]
+        results: list[ItemResult] = []
+        live = []
+        for i, (audio, option) in enumerate(zip(audios, options)):
+            # A bad item gets its own error and never reaches the model with the others.
+            error = self._item_error(audio, option)
+            results.append(error or Transcript(text="", language=None, fields={"emotion": None, "event": None, "raw_text": "", "tokens": []}))
+            # Shorter than one 25 ms frame: funasr would shrink the window; there is nothing to hear.
+            if error is None and len(audio) >= min_samples:
+                live.append(i)
         if not live:
             return Launched.done(results)
         clock = StageClock(self.device or torch.device("cpu"))
         wait = self._launch_ids(
-            [audios[i] for i in live], [lang_ids[i] for i in live], [norm_ids[i] for i in live], clock
+            [audios[i] for i in live],
+            [LANGUAGE_IDS[options[i].language] for i in live],
+            [self._textnorm_id(options[i]) for i in live],
+            clock,
         )
 
-        def finish() -> list[Transcript]:
-            token_rows = wait()
+        def finish() -> list[ItemResult]:
+            rows = wait()
             post_start = time.perf_counter()
-            for i, tokens in zip(live, token_rows):
-                results[i] = self._to_transcript(tokens, options[i])
+            for i, (tokens, finite) in zip(live, rows):
+                if finite:
+                    results[i] = self._to_transcript(tokens, options[i])
+                else:
+                    results[i] = ItemError(
+                        "model_output", f"the model gave non-finite scores for this item (runner.dtype={self.config.dtype}); "
+                        "float16 can overflow: use bfloat16 or float32")
             launched.stages = {**clock.stages(), "postprocess": time.perf_counter() - post_start}
             return results
 

@@ -12,8 +12,11 @@ import torch
 
 from server.config import RunnerConfig
 from server.features.logmel import LogMel
-from server.runners.base import ItemOptions, Launched, ModelRunner, RunnerError, Transcript
-from server.runners.device import StageClock, device_facts, resolve_device, resolve_dtype
+from server.graphs import BucketedRunner, BucketTable, GraphBackend, GraphMode, InputSpec, buckets_up_to
+from server.runners.base import ItemError, ItemOptions, ItemResult, Launched, ModelRunner, RunnerError, Transcript
+from server.runners.device import (
+    StageClock, device_facts, graph_backend_for, graph_budget_bytes, resolve_device, resolve_dtype,
+)
 from server.runners.whisper import assets
 from server.runners.whisper.ct2 import read_ct2
 from server.runners.whisper.model import Whisper, build_from_ct2
@@ -37,13 +40,14 @@ class WhisperRunner(ModelRunner):
     name = "whisper"
     max_item_seconds = 30.0
 
-    def __init__(self, config: RunnerConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: RunnerConfig, max_batch_size: int | None = None, graph_backend: Any = None) -> None:
+        super().__init__(config, max_batch_size, graph_backend)
         self.model: Whisper | None = None
         self.tokenizer: WhisperTokenizer | None = None
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.encoder = None  # callable mel -> enc; a BucketedRunner on GPU with graphs
+        self.encoder_graphs: BucketedRunner | None = None
         self.steps: StaticDecoderSteps | None = None  # decoder step graphs on GPU with graphs
 
     # ------------------------------------------------------------------ load
@@ -59,48 +63,56 @@ class WhisperRunner(ModelRunner):
         self.model = model.to(self.device, self.dtype).eval()
         self.tokenizer = WhisperTokenizer(files.tokenizer_json, files.config_json)
         self.logmel = LogMel(model.dims.n_mels).to(self.device)
-        self.encoder = self._make_encoder()
-        self.steps = self._make_steps(static=self.device.type == "cuda" and self.config.graphs.enabled)
+        backend = graph_backend_for(self.config, self.device, self.graph_backend)
+        # One graph memory budget for the encoder's graphs and the decoder's step buffers.
+        budget = graph_budget_bytes(self.config)
+        self.encoder = self._make_encoder(backend, budget)
+        if budget and self.encoder_graphs is not None:
+            budget = max(1, budget - self.encoder_graphs.stats["graph_memory_bytes"])
+        self.steps = self._make_steps(static=backend is not None, backend=backend, budget=budget)
         self._build_suppression()
         log.info("whisper loaded from %s on %s/%s in %.1f s", files.model_bin, self.device, self.dtype, time.monotonic() - t0)
         if self.config.warmup:
             rng = np.random.default_rng(0)
             self.transcribe([rng.standard_normal(16000 * 2).astype(np.float32) * 0.1], [ItemOptions(language="en")])
 
-    def _make_encoder(self):
-        assert self.model is not None
-        if self.device.type == "cuda" and self.config.graphs.enabled:
-            from server.graphs import BucketedRunner, BucketTable, GraphMode, InputSpec
+    def _batch_buckets(self) -> list[int]:
+        return buckets_up_to(self.config.graphs.batch_buckets, self.max_batch_size)
 
-            n = self.model.dims.n_mels
-            table = BucketTable(self.config.graphs.batch_buckets, (3000,))
-            runner = BucketedRunner(
-                self.model.encode,
-                [InputSpec("mel", ("B", n, "T"), self.dtype, 0.0)],
-                table,
-                self.device,
-                GraphMode.CUDA_GRAPHS,
-                memory_budget_bytes=int(self.config.graphs.memory_budget_gb * (1 << 30)),
-                name="whisper-encoder",
-            )
-            runner.warmup()
-            return lambda mel: runner(mel)[0]
-        return self.model.encode
+    def _make_encoder(self, backend: GraphBackend | None, budget: int):
+        assert self.model is not None
+        if backend is None:
+            return self.model.encode
+        n = self.model.dims.n_mels
+        runner = BucketedRunner(
+            self.model.encode,
+            [InputSpec("mel", ("B", n, "T"), self.dtype, 0.0)],
+            BucketTable(self._batch_buckets(), (3000,)),
+            self.device,
+            GraphMode.CUDA_GRAPHS,
+            memory_budget_bytes=budget,
+            name="whisper-encoder",
+            backend=backend,
+        )
+        runner.warmup()
+        self.encoder_graphs = runner
+        return lambda mel: runner(mel)[0]
 
     def _max_len(self) -> int:
         assert self.model is not None
         return min(4 + self.config.whisper.max_new_tokens + 1, self.model.dims.n_text_ctx)
 
-    def _make_steps(self, static: bool) -> StaticDecoderSteps | None:
-        """Static-buffer decoder steps (CUDA graphs on GPU); None = the plain eager decoder.
+    def _make_steps(self, static: bool, backend: GraphBackend | None = None, budget: int = 0) -> StaticDecoderSteps | None:
+        """Static-buffer decoder steps (captured graphs with a backend); None = the plain eager
+        decoder.
 
-        `static=True` on CPU runs the same buffers without capture: the reference the tests
-        hold the graph path to."""
+        `static=True` without a backend runs the same buffers without capture: the reference
+        the tests hold the graph path to."""
         if not static:
             return None
         assert self.model is not None
-        steps = StaticDecoderSteps(self.model, self.config.graphs.batch_buckets, self._max_len(), self.dtype,
-                                   self.device, capture=self.device.type == "cuda")
+        steps = StaticDecoderSteps(self.model, self._batch_buckets(), self._max_len(), self.dtype,
+                                   self.device, backend=backend, memory_budget_bytes=budget)
         try:
             steps.warmup()
         except RuntimeError as e:  # a capture failure must not stop the server: fall back to eager
@@ -129,6 +141,11 @@ class WhisperRunner(ModelRunner):
         assert self.tokenizer is not None
         return sorted(self.tokenizer.languages)
 
+    def languages(self) -> frozenset[str] | None:
+        if self.tokenizer is None:
+            raise RunnerError("whisper runner used before load()")
+        return frozenset(self.tokenizer.languages) | {"auto"}
+
     def transcribe(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[Transcript]:
         return self.launch(audios, options).result()
 
@@ -140,17 +157,15 @@ class WhisperRunner(ModelRunner):
             raise RunnerError("whisper runner used before load()")
         if len(audios) != len(options):
             raise ValueError("one ItemOptions per audio item")
-        tk = self.tokenizer
-        for o in options:
-            if o.language != "auto" and o.language not in tk.languages:
-                raise RunnerError(f"unknown language {o.language!r}; use auto or one of {', '.join(self.language_codes())}")
-        results: list[Transcript | None] = [None] * len(audios)
+        results: list[ItemResult | None] = [None] * len(audios)
         work = []
-        for i, a in enumerate(audios):
-            if len(a) > self.max_item_seconds * 16000 + 160:
-                raise RunnerError(f"item {i} is {len(a) / 16000:.1f} s; whisper takes at most {self.max_item_seconds:g} s per item")
-            if len(a) < _MIN_SAMPLES or float(np.sqrt(np.mean(np.square(a, dtype=np.float64)))) < _SILENCE_RMS:
-                lang = options[i].language if options[i].language != "auto" else None
+        for i, (a, o) in enumerate(zip(audios, options)):
+            # A bad item gets its own error and never reaches the model with the others.
+            error = self._item_error(a, o)
+            if error is not None:
+                results[i] = error
+            elif len(a) < _MIN_SAMPLES or float(np.sqrt(np.mean(np.square(a, dtype=np.float64)))) < _SILENCE_RMS:
+                lang = o.language if o.language != "auto" else None
                 results[i] = Transcript("", lang, {"no_speech_prob": 1.0, "avg_logprob": 0.0, "tokens": []})
             else:
                 work.append(i)
@@ -164,22 +179,39 @@ class WhisperRunner(ModelRunner):
         launched.stages = stages
         return launched
 
+    def _item_error(self, audio: np.ndarray, option: ItemOptions) -> ItemError | None:
+        tk = self.tokenizer
+        assert tk is not None
+        if option.language != "auto" and option.language not in tk.languages:
+            return ItemError("bad_config", f"unknown language {option.language!r}; use auto or one of {', '.join(self.language_codes())}")
+        if len(audio) > self.max_item_seconds * 16000 + 160:
+            return ItemError("bad_audio", f"item is {len(audio) / 16000:.1f} s; whisper takes at most {self.max_item_seconds:g} s per item")
+        if not np.isfinite(audio).all():
+            return ItemError("bad_audio", "audio contains NaN or infinite samples")
+        return None
+
     def _eot_interval(self) -> int:
         n = self.config.whisper.eot_check_interval
         return n if n > 0 else (8 if self.device.type == "cuda" else 1)
 
-    def _decode(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> tuple[list[Transcript], dict[str, float]]:
-        """Transcripts of a batch of non-silent items, and the seconds of each stage."""
+    def _decode(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> tuple[list[ItemResult], dict[str, float]]:
+        """Results of a batch of valid, non-silent items, and the seconds of each stage.
+
+        Every host->device copy is queued before the first kernel, from pinned memory on CUDA:
+        a copy from pageable memory waits for the device to drain, so one built after the
+        encoder is queued would stall the host for the encoder's whole run."""
         assert self.model is not None and self.tokenizer is not None and self.encoder is not None
         tk, model, cfg = self.tokenizer, self.model, self.config.whisper
         dev = self.device
         b = len(audios)
         clock = StageClock(dev)
         audio = self.logmel.pad_batch(audios)
+        forced = torch.tensor([tk.languages[o.language] if o.language != "auto" else -1 for o in options], dtype=torch.long)
         if dev.type == "cuda":
-            audio = audio.pin_memory()
+            audio, forced = audio.pin_memory(), forced.pin_memory()
         clock.mark("start")
         audio = audio.to(dev, non_blocking=True)
+        forced = forced.to(dev, non_blocking=True)
         mel = self.logmel(audio).to(self.dtype)
         clock.mark("features")
         enc = self.encoder(mel)
@@ -197,10 +229,9 @@ class WhisperRunner(ModelRunner):
         logits0 = model.decode(sot, 0, cache, cross)[:, 0]
         no_speech = logits0.softmax(-1)[:, tk.no_speech]
         detected = self._lang_ids[logits0[:, self._lang_ids].argmax(-1)]
-        forced = torch.tensor(
-            [tk.languages[o.language] if o.language != "auto" else -1 for o in options], device=dev
-        )
         lang = torch.where(forced >= 0, forced, detected)
+        # Non-finite scores (e.g. float16 overflow) make a row's text garbage: flag, don't sync.
+        finite = torch.isfinite(logits0).all(-1)
 
         prompt = torch.stack(
             [lang, torch.full_like(lang, tk.transcribe), torch.full_like(lang, tk.no_timestamps)], dim=1
@@ -213,6 +244,7 @@ class WhisperRunner(ModelRunner):
         n_tokens = torch.zeros(b, dtype=torch.long, device=dev)
         check_every = self._eot_interval()
         for step in range(max_len - offset):
+            finite &= torch.isfinite(logits).all(-1) | finished
             mask = self._suppress_begin if step == 0 else self._suppress
             logits = logits.masked_fill(mask, float("-inf"))
             logprobs = logits.log_softmax(-1)
@@ -232,14 +264,19 @@ class WhisperRunner(ModelRunner):
                 logits = model.decode(nxt[:, None], offset, cache, cross)[:, -1]
             offset += 1
 
-        out = []
         # Two device->host copies per batch: the tokens, and every per-row scalar stacked
         # (float32 holds the token counts and language ids exactly: all are below 2**24).
+        scalars = torch.stack([no_speech.float(), sum_logprob, n_tokens.float(), lang.float(), finite.float()], dim=1)
         toks = tokens.cpu().tolist()
-        per_row = torch.stack([no_speech.float(), sum_logprob, n_tokens.float(), lang.float()], dim=1).cpu().tolist()
+        per_row = scalars.cpu().tolist()
         clock.mark("decoder")
         post_start = time.perf_counter()
-        for row, (nsp, lp_sum, n, lang_id) in zip(toks, per_row):
+        out: list[ItemResult] = []
+        for row, (nsp, lp_sum, n, lang_id, row_finite) in zip(toks, per_row):
+            if not row_finite:
+                out.append(ItemError("model_output", f"the model gave non-finite scores for this item (runner.dtype={self.config.dtype}); "
+                                     "float16 can overflow: use bfloat16 or float32"))
+                continue
             n, lang_id = int(n), int(lang_id)
             ids = row[: row.index(tk.eot)] if tk.eot in row else row
             avg = lp_sum / (n + 1)

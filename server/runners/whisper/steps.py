@@ -7,8 +7,12 @@ and then every greedy step writes the new tokens and position into the static in
 replays the bucket's graph (`Whisper.decode_step_static`: no host sync, no shape change).
 Rows b..B hold stale data that no real row can see (each row attends only to itself).
 
-With `capture=False` the same buffers are used and the static step is called eagerly: this is
-the CPU reference the tests compare with the plain eager decoder, and the GPU fallback.
+With no graph backend the same buffers are used and the static step is called eagerly: this
+is the CPU reference the tests compare with the plain eager decoder, and the GPU fallback.
+
+Only batch buckets up to the batcher's largest batch are allocated, and what they hold
+(static buffers and graph pool) is charged to the graph memory budget, largest first: a
+bucket that does not fit is not kept, and batches of its size decode eagerly.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from server.graphs import GraphBackend
 from server.runners.whisper.model import Whisper
 
 log = logging.getLogger(__name__)
@@ -39,14 +44,18 @@ class _Bucket:
 
 class StaticDecoderSteps:
     def __init__(self, model: Whisper, batch_buckets: Sequence[int], max_len: int, dtype: torch.dtype,
-                 device: torch.device, capture: bool) -> None:
+                 device: torch.device, backend: GraphBackend | None, memory_budget_bytes: int = 0) -> None:
         self.model = model
         self.sizes = sorted(set(batch_buckets))
         self.max_len = max_len
         self.dtype = dtype
         self.device = device
-        self.capture = capture
+        self.backend = backend
+        """Captures and replays the step graphs; None = the same buffers, run eagerly."""
+        self.memory_budget = memory_budget_bytes
         self.buckets: dict[int, _Bucket] = {}
+        self.dropped: list[int] = []
+        self.memory_bytes = 0
         self.replays = 0
 
     def _alloc(self, size: int) -> _Bucket:
@@ -65,26 +74,50 @@ class StaticDecoderSteps:
     def _run(self, bk: _Bucket) -> torch.Tensor:
         return self.model.decode_step_static(bk.tokens, bk.pos, bk.cache, (bk.cross_k, bk.cross_v))
 
+    def _held_bytes(self, kept: Sequence[_Bucket]) -> int:
+        if self.backend is not None:
+            return self.backend.reserved_bytes()
+        # Eager: what the kept buckets' buffers take.
+        return sum(t.nbytes for bk in kept for t in (bk.tokens, bk.pos, bk.cache, *bk.cross_k, *bk.cross_v))
+
+    def _capture(self, bk: _Bucket, pool: object) -> None:
+        backend = self.backend
+        assert backend is not None
+        bk.pos.fill_(self.max_len - 1)
+        backend.warm(lambda: self._run(bk))
+        bk.graph, bk.logits = backend.capture(lambda: self._run(bk), pool)
+
     def warmup(self) -> None:
-        """Allocate every bucket (largest first) and, on CUDA, capture its step graph."""
-        pool = torch.cuda.graph_pool_handle() if self.capture else None
-        for size in reversed(self.sizes):
-            bk = self._alloc(size)
-            if self.capture:
-                bk.pos.fill_(self.max_len - 1)
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side), torch.inference_mode():
-                    for _ in range(2):
-                        self._run(bk)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.inference_mode(), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    bk.logits = self._run(bk)
-                bk.graph = graph
-            self.buckets[size] = bk
-        if self.capture:
-            log.info("whisper decoder: captured step graphs for batch buckets %s", self.sizes)
+        """Allocate each bucket (largest first) and, with a backend, capture its step graph,
+        keeping those that fit the memory budget."""
+        with torch.inference_mode():
+            base = self._held_bytes([])
+            pool = self.backend.new_pool() if self.backend is not None else None
+            kept: list[_Bucket] = []
+            for size in reversed(self.sizes):
+                bk = self._alloc(size)
+                if self.backend is not None:
+                    self._capture(bk, pool)
+                used = self._held_bytes([*kept, bk]) - base
+                if self.memory_budget and used > self.memory_budget:
+                    self.dropped.append(size)
+                    log.warning("whisper decoder: batch bucket %d dropped: %.1f MiB > budget %.1f MiB",
+                                size, used / 2**20, self.memory_budget / 2**20)
+                    del bk
+                    if self.backend is not None:  # the shared pool goes only with its last graph
+                        for k in kept:
+                            k.graph = k.logits = None
+                        pool = self.backend.new_pool()
+                        for k in kept:
+                            self._capture(k, pool)
+                    continue
+                kept.append(bk)
+            self.buckets = {bk.size: bk for bk in kept}
+            self.sizes = sorted(self.buckets)
+            self.memory_bytes = self._held_bytes(kept) - base
+        if self.backend is not None:
+            log.info("whisper decoder: captured step graphs for batch buckets %s (%.1f MiB)",
+                     self.sizes, self.memory_bytes / 2**20)
 
     def bucket_for(self, b: int) -> _Bucket | None:
         i = bisect.bisect_left(self.sizes, b)
@@ -103,7 +136,8 @@ class StaticDecoderSteps:
         bk.tokens[:b, 0].copy_(tokens)
         bk.pos.fill_(offset)
         if bk.graph is not None:
-            bk.graph.replay()
+            assert self.backend is not None
+            self.backend.replay(bk.graph)
             self.replays += 1
             assert bk.logits is not None
             return bk.logits[:b]
