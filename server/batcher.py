@@ -328,17 +328,18 @@ class MicroBatcher:
         halves = (batch[:mid], batch[mid:])
         return [t for half in halves for t in self._results(half, self._start(half))]
 
-    def _launch(self, batch: list[Request]) -> _InFlight:
+    def _launch(self, batch: list[Request], first_try: bool = True) -> _InFlight:
         """Queue a batch on the runner; raises what the launch raised."""
         start = time.monotonic()
-        for r in batch:
-            self.metrics.queue_wait.labels(r.kind.name.lower()).observe(start - r.enqueued)
+        if first_try:
+            for r in batch:
+                self.metrics.queue_wait.labels(r.kind.name.lower()).observe(start - r.enqueued)
         return _InFlight(batch, self._start(batch), start)
 
     def _launch_alone(self, batch: list[Request]) -> _InFlight | None:
         """Launch with nothing in flight: whatever fails now is this batch's own."""
         try:
-            return self._launch(batch)
+            return self._launch(batch, first_try=False)
         except Exception as exc:  # noqa: BLE001 - a failed batch must fail its requests, not the worker
             self._fail(batch, exc)
             return None
