@@ -67,6 +67,45 @@ def buckets_up_to(buckets: Sequence[int], limit: int | None) -> list[int]:
     return sizes[: i + 1]
 
 
+def keep_within_budget(
+    keys: Sequence[Hashable],
+    build: Callable[[Any, Any], None],
+    discard: Callable[[Any], Any],
+    held: Callable[[], int],
+    new_pool: Callable[[], Any],
+    budget: int,
+    base: int,
+    name: str,
+) -> tuple[list[Any], list[Any], int]:
+    """Build each key in order (largest first) into one shared pool, keeping those that fit.
+
+    `build(key, pool)` allocates and captures one key, `discard(key)` forgets it, `held()` is the
+    memory held now, charged from `base`; `new_pool()` gives a pool (None: nothing is shared).
+    A key whose build takes the total over `budget` (0 = no limit) is discarded. In a shared
+    pool deleting one graph does not hand back what its capture added (the pool goes only with
+    its last graph), so the kept keys are then built again in a new pool.
+    Returns (kept, dropped, bytes held for the kept ones)."""
+    pool = new_pool()
+    kept: list[Any] = []
+    dropped: list[Any] = []
+    for key in keys:
+        build(key, pool)
+        used = held() - base
+        if not budget or used <= budget:
+            kept.append(key)
+            continue
+        dropped.append(key)
+        log.warning("%s: %s dropped: %.1f MiB > budget %.1f MiB", name, key, used / 2**20, budget / 2**20)
+        discard(key)
+        if pool is not None:
+            for k in kept:
+                discard(k)
+            pool = new_pool()
+            for k in kept:
+                build(k, pool)
+    return kept, dropped, held() - base
+
+
 class BucketTable:
     """Smallest (B, T) bucket for a (batch, frames) size, by table lookup."""
 
@@ -201,7 +240,6 @@ class BucketedRunner:
         self.name = name
         self._static: list[torch.Tensor] = []
         self._graphs: dict[tuple[int, int], tuple[Any, tuple[torch.Tensor, ...]]] = {}
-        self._pool: Any = None
         self._stream: Hashable | None = None
         self.stats: dict[str, Any] = {"replays": 0, "bucketed_calls": 0, "eager_fallbacks": 0, "captured": [], "dropped": [], "graph_memory_bytes": 0}
         self._t_axis = [spec.dims.index("T") if "T" in spec.dims else None for spec in self.specs]
@@ -250,11 +288,11 @@ class BucketedRunner:
                 return
             self._capture_all()
 
-    def _capture(self, bucket: tuple[int, int]) -> None:
+    def _capture(self, bucket: tuple[int, int], pool: Any) -> None:
         assert self.backend is not None
         views = self._views(*bucket)
         self.backend.warm(lambda: self.forward(*views))
-        graph, out = self.backend.capture(lambda: self.forward(*views), self._pool)
+        graph, out = self.backend.capture(lambda: self.forward(*views), pool)
         self._graphs[bucket] = (graph, out if isinstance(out, tuple) else (out,))
 
     def _capture_all(self) -> None:
@@ -263,25 +301,12 @@ class BucketedRunner:
         self._stream = backend.stream()
         base = backend.reserved_bytes()  # before the static inputs: they count toward the budget
         self._alloc_static()
-        self._pool = backend.new_pool()
-        kept: list[tuple[int, int]] = []
-        for bucket in self.table.buckets():  # largest first: the smaller graphs reuse its pool
-            self._capture(bucket)
-            used = backend.reserved_bytes() - base
-            if not self.memory_budget or used <= self.memory_budget:
-                kept.append(bucket)
-                continue
-            self.stats["dropped"].append(bucket)
-            log.warning("%s: bucket %s dropped: graphs would hold %.1f MiB > budget %.1f MiB",
-                        self.name, bucket, used / 2**20, self.memory_budget / 2**20)
-            # Deleting one graph does not hand back what its capture added to the shared
-            # pool; the pool goes only with its last graph. Start a new pool with the kept ones.
-            self._graphs.clear()
-            self._pool = backend.new_pool()
-            for k in kept:
-                self._capture(k)
-        self.stats["captured"] = kept
-        self.stats["graph_memory_bytes"] = backend.reserved_bytes() - base
+        # Largest first: the smaller graphs reuse its pool.
+        kept, dropped, held = keep_within_budget(
+            self.table.buckets(), self._capture, self._graphs.pop, backend.reserved_bytes, backend.new_pool,
+            self.memory_budget, base, f"{self.name} bucket",
+        )
+        self.stats.update(captured=kept, dropped=dropped, graph_memory_bytes=held)
         log.info("%s: captured %d graphs (%.1f MiB with static inputs)", self.name, len(self._graphs),
                  self.stats["graph_memory_bytes"] / 2**20)
 

@@ -56,6 +56,12 @@ class ItemError(RunnerError):
         self.code = code
         """Machine-readable reason, sent to the client as the error code (e.g. `bad_config`)."""
 
+    @classmethod
+    def non_finite(cls, dtype: str) -> "ItemError":
+        """The model's scores for the item came out NaN or infinite."""
+        return cls("model_output", f"the model gave non-finite scores for this item (runner.dtype={dtype}); "
+                   "float16 can overflow: use bfloat16 or float32")
+
 
 ItemResult = Union[Transcript, ItemError]
 

@@ -318,9 +318,7 @@ class SenseVoiceRunner(ModelRunner):
                 if finite:
                     results[i] = self._to_transcript(tokens, options[i])
                 else:
-                    results[i] = ItemError(
-                        "model_output", f"the model gave non-finite scores for this item (runner.dtype={self.config.dtype}); "
-                        "float16 can overflow: use bfloat16 or float32")
+                    results[i] = ItemError.non_finite(self.config.dtype)
             launched.stages = {**clock.stages(), "postprocess": time.perf_counter() - post_start}
             return results
 

@@ -274,8 +274,7 @@ class WhisperRunner(ModelRunner):
         out: list[ItemResult] = []
         for row, (nsp, lp_sum, n, lang_id, row_finite) in zip(toks, per_row):
             if not row_finite:
-                out.append(ItemError("model_output", f"the model gave non-finite scores for this item (runner.dtype={self.config.dtype}); "
-                                     "float16 can overflow: use bfloat16 or float32"))
+                out.append(ItemError.non_finite(self.config.dtype))
                 continue
             n, lang_id = int(n), int(lang_id)
             ids = row[: row.index(tk.eot)] if tk.eot in row else row

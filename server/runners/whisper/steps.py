@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from server.graphs import GraphBackend
+from server.graphs import GraphBackend, keep_within_budget
 from server.runners.whisper.model import Whisper
 
 log = logging.getLogger(__name__)
@@ -74,48 +74,32 @@ class StaticDecoderSteps:
     def _run(self, bk: _Bucket) -> torch.Tensor:
         return self.model.decode_step_static(bk.tokens, bk.pos, bk.cache, (bk.cross_k, bk.cross_v))
 
-    def _held_bytes(self, kept: Sequence[_Bucket]) -> int:
+    def _held_bytes(self) -> int:
         if self.backend is not None:
             return self.backend.reserved_bytes()
-        # Eager: what the kept buckets' buffers take.
-        return sum(t.nbytes for bk in kept for t in (bk.tokens, bk.pos, bk.cache, *bk.cross_k, *bk.cross_v))
+        # Eager: what the buckets' buffers take.
+        return sum(t.nbytes for bk in self.buckets.values() for t in (bk.tokens, bk.pos, bk.cache, *bk.cross_k, *bk.cross_v))
 
-    def _capture(self, bk: _Bucket, pool: object) -> None:
-        backend = self.backend
-        assert backend is not None
-        bk.pos.fill_(self.max_len - 1)
-        backend.warm(lambda: self._run(bk))
-        bk.graph, bk.logits = backend.capture(lambda: self._run(bk), pool)
+    def _build(self, size: int, pool: object) -> None:
+        bk = self._alloc(size)
+        if self.backend is not None:
+            bk.pos.fill_(self.max_len - 1)
+            self.backend.warm(lambda: self._run(bk))
+            bk.graph, bk.logits = self.backend.capture(lambda: self._run(bk), pool)
+        self.buckets[size] = bk
 
     def warmup(self) -> None:
         """Allocate each bucket (largest first) and, with a backend, capture its step graph,
         keeping those that fit the memory budget."""
+        backend = self.backend
         with torch.inference_mode():
-            base = self._held_bytes([])
-            pool = self.backend.new_pool() if self.backend is not None else None
-            kept: list[_Bucket] = []
-            for size in reversed(self.sizes):
-                bk = self._alloc(size)
-                if self.backend is not None:
-                    self._capture(bk, pool)
-                used = self._held_bytes([*kept, bk]) - base
-                if self.memory_budget and used > self.memory_budget:
-                    self.dropped.append(size)
-                    log.warning("whisper decoder: batch bucket %d dropped: %.1f MiB > budget %.1f MiB",
-                                size, used / 2**20, self.memory_budget / 2**20)
-                    del bk
-                    if self.backend is not None:  # the shared pool goes only with its last graph
-                        for k in kept:
-                            k.graph = k.logits = None
-                        pool = self.backend.new_pool()
-                        for k in kept:
-                            self._capture(k, pool)
-                    continue
-                kept.append(bk)
-            self.buckets = {bk.size: bk for bk in kept}
+            _, self.dropped, self.memory_bytes = keep_within_budget(
+                list(reversed(self.sizes)), self._build, self.buckets.pop, self._held_bytes,
+                backend.new_pool if backend is not None else lambda: None,
+                self.memory_budget, self._held_bytes(), "whisper decoder batch bucket",
+            )
             self.sizes = sorted(self.buckets)
-            self.memory_bytes = self._held_bytes(kept) - base
-        if self.backend is not None:
+        if backend is not None:
             log.info("whisper decoder: captured step graphs for batch buckets %s (%.1f MiB)",
                      self.sizes, self.memory_bytes / 2**20)
 
