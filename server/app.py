@@ -2,26 +2,32 @@
 
 The listener opens first and answers /healthz with 503 while the model loads in a
 thread, so orchestrators can watch the warm-up; stream handshakes are refused with
-503 until the model is warm.
+503 until the model is warm. /healthz is readiness (may this process take a new
+session now?), /livez is liveness (should it be restarted?). Shutdown drains: every
+open session gets its finals before its connection closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from typing import Any
 
 from websockets.asyncio.server import Server, serve
 
-from server import __version__
+from server import __version__, incidents
+from server.admission import Admission, Refusal
 from server.batcher import MicroBatcher
 from server.config import Config, ConfigError
 from server.metrics import Metrics
 from server.runners import ModelRunner, create_runner
 from server.transport import native as native_transport
+from server.transport.access import AccessPolicy, ssl_context
 from server.transport.http import make_process_request
+from server.transport.native import NativeConnection
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +40,55 @@ class ChorusServer:
         self.metrics = Metrics()
         self.runner = runner if runner is not None else create_runner(config.runner, max_batch_size=config.batcher.largest_batch)
         self.batcher = MicroBatcher(self.runner, config.batcher, self.metrics)
+        self.admission = Admission(config.server, self.batcher, self.metrics)
+        self.access = AccessPolicy.from_config(config.server, os.environ)
+        self.connections: set[NativeConnection] = set()
         self.ready = False
+        self.draining = False
         self.load_error: str | None = None
-        self.sessions = 0
         self.started_at = time.time()
         self._server: Server | None = None
         self._load_task: asyncio.Task | None = None
-        self._lag_task: asyncio.Task | None = None
+        self._monitor_task: asyncio.Task | None = None
+        self._stopped = False
 
     # ------------------------------------------------------------------ state
+    @property
+    def sessions(self) -> int:
+        return self.admission.sessions
+
+    def refusal(self) -> Refusal | None:
+        """Why no new session may start now (any client), or None."""
+        if self.draining:
+            return Refusal(503, "draining", "server is shutting down", 1)
+        if self.load_error is not None:
+            return Refusal(503, "load_failed", "the model failed to load")
+        if not self.ready:
+            return Refusal(503, "loading", "the model is still loading", 5)
+        if self.batcher.broken_reason() is not None:
+            return Refusal(503, "broken", "the model is unavailable")
+        return self.admission.capacity_refusal()
+
+    def liveness(self) -> str | None:
+        """Why this process should be restarted, or None. Loading is alive (give it a startup
+        probe); a failed load, a hung model or one whose calls keep failing is not."""
+        if self.load_error is not None:
+            return "model failed to load"
+        return self.batcher.broken_reason()
+
     def health(self) -> dict[str, Any]:
+        refusal = self.refusal()
+        dead = self.liveness()
         info: dict[str, Any] = {
-            "ready": self.ready,
+            "ready": self.ready and dead is None,
+            "accepting": refusal is None,
+            "live": dead is None,
+            "reason": dead or (refusal.message if refusal else None),
+            "draining": self.draining,
             "version": __version__,
             "sessions": self.sessions,
             "max_sessions": self.config.server.max_sessions,
+            "final_wait_s": round(self.batcher.final_wait_s(), 3) if self.ready else 0.0,
             "uptime_s": round(time.time() - self.started_at, 1),
         }
         if self.ready:
@@ -60,17 +100,12 @@ class ChorusServer:
     def model_info(self) -> dict[str, Any]:
         return {k: v for k, v in self.runner.describe().items() if isinstance(v, (str, int, float, bool))}
 
-    def admission_refusal(self) -> str | None:
-        if not self.ready:
-            return "model is still loading" if self.load_error is None else f"model failed to load: {self.load_error}"
-        if self.sessions >= self.config.server.max_sessions:
-            return f"server is at its session limit ({self.config.server.max_sessions})"
-        return None
-
     def max_segment_ms_limit(self) -> int:
-        # A runner's longest item bounds the segment length a client may ask for.
-        limit = self.runner.max_item_seconds
-        return int(min(limit * 1000, 60_000)) if limit != float("inf") else 60_000
+        # Clients may lower the operator's segment length, never raise it; the runner's
+        # longest item bounds it too.
+        limit = min(self.config.vad.max_segment_ms, 60_000)
+        item_s = self.runner.max_item_seconds
+        return int(min(limit, item_s * 1000)) if item_s != float("inf") else limit
 
     def check_default_language(self) -> None:
         """Raise ConfigError if ``server.default_language`` is not a language the loaded model
@@ -84,32 +119,27 @@ class ChorusServer:
                 f"{self.runner.name} model does not support; set it to one of: {', '.join(codes)}"
             )
 
-    def session_opened(self) -> None:
-        self.sessions += 1
-        self.metrics.sessions_total.inc()
-        self.metrics.sessions_active.set(self.sessions)
-
-    def session_closed(self) -> None:
-        self.sessions -= 1
-        self.metrics.sessions_active.set(self.sessions)
-
     # ------------------------------------------------------------------ lifecycle
     async def start(self, wait_ready: bool = True) -> None:
         cfg = self.config.server
+        tls = ssl_context(cfg)
         self._server = await serve(
             lambda ws: native_transport.handle(self, ws),
             cfg.host,
             cfg.port,
             process_request=make_process_request(self),
+            ssl=tls,
             # Oversize audio gets a structured error from the adapter; only far larger frames are cut by 1009.
             max_size=4 * cfg.max_message_bytes,
             max_queue=64,
-            ping_interval=cfg.ping_interval_s or None,
-            ping_timeout=cfg.ping_interval_s or None,
+            # The adapter runs its own keepalive: websockets' would close a connection whose pong
+            # is unread only because the server is holding that client back (backpressure).
+            ping_interval=None,
+            ping_timeout=None,
             compression=None,  # audio does not compress; deflate would only cost CPU
         )
-        log.info("listening on ws://%s:%d/v1/stream", cfg.host, self.port)
-        self._lag_task = asyncio.create_task(self._watch_loop_lag())
+        log.info("listening on %s://%s:%d/v1/stream", "wss" if tls else "ws", cfg.host, self.port)
+        self._monitor_task = asyncio.create_task(self._monitor())
         self._load_task = asyncio.create_task(self._load_model())
         if wait_ready:
             await self._load_task
@@ -128,22 +158,30 @@ class ChorusServer:
                 await loop.run_in_executor(None, self.runner.load)
             # Also for a preloaded runner: the check is about this server's config.
             self.check_default_language()
-        except Exception as exc:
+        except ConfigError as exc:
+            # The operator's own settings, named by key: worth showing on /healthz.
             self.load_error = str(exc)
             log.error("model failed to load: %s", exc)
+            raise
+        except Exception as exc:
+            # Load errors can hold paths and internals: /healthz shows only the incident id.
+            incident = incidents.report(log, "model failed to load: %s", exc, exc)
+            self.load_error = f"model failed to load (incident {incident}; see the server log)"
             raise
         self.batcher.start(loop)
         self.ready = True
         self.metrics.model_ready.set(1)
         log.info("model ready in %.1f s: %s", time.monotonic() - t0, self.model_info())
 
-    async def _watch_loop_lag(self, period: float = 0.1) -> None:
+    async def _monitor(self, period: float = 0.1) -> None:
         """Event-loop lag: how late a timer fires is how long other callbacks held the loop.
         Blocking work on the loop would delay every session's audio and results at once.
         Also the loop thread's CPU time (all of it: websockets framing, JSON, sessions), which
-        is what bounds the number of streams one server process can carry."""
+        is what bounds the number of streams one server process can carry. Once a second:
+        the batcher's watchdog and the health gauges."""
         loop = asyncio.get_running_loop()
         cpu = time.thread_time()
+        ticks = 0
         while True:
             due = loop.time() + period
             await asyncio.sleep(period)
@@ -151,15 +189,43 @@ class ChorusServer:
             now = time.thread_time()
             self.metrics.event_loop_cpu.inc(now - cpu)
             cpu = now
+            ticks += 1
+            if ticks % 10 == 0 and self.ready:
+                self.batcher.check_watchdog()
+                self.metrics.model_healthy.set(0 if self.batcher.broken_reason() else 1)
+                self.metrics.accepting.set(0 if self.refusal() else 1)
 
-    async def stop(self) -> None:
-        """Refuse new clients, close open ones (1001), stop the worker."""
-        if self._lag_task is not None:
-            self._lag_task.cancel()
+    async def stop(self, timeout: float | None = None) -> None:
+        """Graceful shutdown, within ``timeout`` (default `server.shutdown_timeout_s`): refuse
+        new clients (503), let every open session finalise its open segment and receive every
+        final and `done`, close them with `server.shutdown_close_code`, stop the batcher last.
+        Sessions still open at the deadline are closed anyway."""
+        if self._stopped:
+            return
+        self._stopped = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.config.server.shutdown_timeout_s if timeout is None else timeout)
+        left = lambda: max(0.1, deadline - loop.time())  # noqa: E731
+        self.draining = True
+        self.metrics.accepting.set(0)
+        conns = list(self.connections)
+        if conns:
+            log.info("draining %d session(s)", len(conns))
+            for conn in conns:
+                conn.drain(self.config.server.shutdown_close_code)
+            _, late = await asyncio.wait([c.finished for c in conns], timeout=left())
+            if late:
+                log.warning("%d session(s) not drained within the shutdown timeout; closing them", len(late))
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
         if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        self.batcher.stop()
+            self._server.close(close_connections=True)
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), left())
+            except asyncio.TimeoutError:
+                log.warning("connections still open at the shutdown deadline")
+        # Joining the worker thread blocks (up to the rest of the deadline): not on the loop.
+        await loop.run_in_executor(None, self.batcher.stop, left())
         self.ready = False
         self.metrics.model_ready.set(0)
 
@@ -181,8 +247,9 @@ class ChorusServer:
             await self.stop()
             raise load.exception()  # type: ignore[misc]
         await waiter
-        log.info("shutting down")
+        log.info("shutting down: draining sessions (at most %g s)", self.config.server.shutdown_timeout_s)
         await self.stop()
+        log.info("shut down")
 
 
 def run(config: Config) -> None:

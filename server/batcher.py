@@ -20,7 +20,10 @@ Policy, in order:
   one is still in flight; then the batch in flight fails with it and the next is retried alone;
 - with a runner that launches asynchronously (CUDA), the next batch is formed and
   launched before the running one is collected (see ``_worker``);
-- a session that goes away cancels its requests; they are never run.
+- a session that goes away cancels its requests; they are never run;
+- health: whole calls failing in a row and a watchdog on call duration say when the
+  model is broken or hung (``broken_reason``); a hung model fails what waits instead of
+  leaving it waiting forever (``check_watchdog``).
 
 Nothing here touches sockets or sessions, and nothing blocks the event loop beyond
 a short lock held while a request is appended.
@@ -61,6 +64,14 @@ class Overloaded(RuntimeError):
     """The queue is full; the request was refused."""
 
 
+class ModelUnavailable(RuntimeError):
+    """The model is hung (a call outlived the watchdog): the request will not be run."""
+
+
+# Final queue waits are summarised over this trailing window for admission control.
+_WAIT_WINDOW_S = 5.0
+
+
 @dataclass(eq=False)
 class Request:
     audio: np.ndarray
@@ -95,6 +106,7 @@ class _InFlight:
     batch: list[Request]
     launched: Launched
     start: float
+    call_id: int
 
 
 class MicroBatcher:
@@ -114,6 +126,15 @@ class MicroBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seq = itertools.count()
         self.batches_run = 0
+        # Health, read by the event loop (see health()): calls started and not yet collected
+        # (id -> (start, requests)), whole-call failures in a row, and a hung verdict.
+        self._calls: dict[int, tuple[float, list[Request]]] = {}
+        self._call_ids = itertools.count()
+        self.consecutive_failures = 0
+        self.last_failure: str | None = None
+        self.hung_reason: str | None = None
+        self._final_waits: collections.deque[tuple[float, float]] = collections.deque()  # (when, wait)
+        self._aged_partials_last = False
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -148,6 +169,9 @@ class MicroBatcher:
         with self._cond:
             if not self._running:
                 fut.set_exception(BatcherStopped("server is shutting down"))
+                return fut
+            if self.hung_reason is not None:
+                fut.set_exception(ModelUnavailable(self.hung_reason))
                 return fut
             depth = len(self._finals) + len(self._partials)
             if kind is Kind.PARTIAL:
@@ -187,13 +211,75 @@ class MicroBatcher:
                 r.future.cancel()
         return len(gone)
 
+    # ------------------------------------------------------------------ health
+    def broken_reason(self) -> str | None:
+        """Why the model cannot serve (an orchestrator should restart the process), or None:
+        a call outlived the watchdog, or `max_consecutive_failures` calls failed in a row
+        (a sticky device error fails every batch while the process looks alive)."""
+        if self.hung_reason is not None:
+            return self.hung_reason
+        limit = self.config.max_consecutive_failures
+        if limit and self.consecutive_failures >= limit:
+            return f"{self.consecutive_failures} model calls failed in a row (last: {self.last_failure})"
+        return None
+
+    def check_watchdog(self, now: float | None = None) -> bool:
+        """Called periodically from the event loop. A call running longer than `watchdog_s`
+        marks the model hung: its requests and every waiting one fail with ModelUnavailable
+        (sessions report the loss instead of waiting forever), and so does every new one.
+        A worker thread cannot be killed; a hung call that returns after all clears the
+        verdict. Returns whether the model is hung."""
+        limit = self.config.watchdog_s
+        if not limit:
+            return False
+        now = time.monotonic() if now is None else now
+        with self._cond:
+            stuck = [(start, reqs) for start, reqs in self._calls.values() if now - start > limit]
+            if not stuck:
+                return self.hung_reason is not None
+            if self.hung_reason is None:
+                oldest = min(start for start, _ in stuck)
+                self.hung_reason = f"a model call has run for {now - oldest:.0f} s (watchdog {limit:g} s)"
+                log.error("model hung: %s; failing waiting requests", self.hung_reason)
+            left = [r for _, reqs in stuck for r in reqs] + list(self._finals) + list(self._partials.values())
+            self._finals.clear()
+            self._partials.clear()
+            self._publish_depth()
+        exc = ModelUnavailable(self.hung_reason)
+        for r in left:
+            self._resolve(r, exc=exc)
+        return True
+
+    def final_wait_s(self, now: float | None = None) -> float:
+        """How long finals are waiting for the model now: the larger of the oldest waiting
+        final's age and the 90th percentile of the waits of finals started in the last
+        few seconds. Admission control refuses new sessions while this is too high."""
+        now = time.monotonic() if now is None else now
+        with self._cond:
+            while self._final_waits and now - self._final_waits[0][0] > _WAIT_WINDOW_S:
+                self._final_waits.popleft()
+            recent = sorted(w for _, w in self._final_waits)
+            oldest = now - self._finals[0].enqueued if self._finals else 0.0
+        p90 = recent[min(len(recent) - 1, int(0.9 * len(recent)))] if recent else 0.0
+        return max(oldest, p90)
+
     def _publish_depth(self) -> None:
         self.metrics.queue_depth.set(len(self._finals) + len(self._partials))
 
     # ------------------------------------------------------------------ worker side
     def _next_queue(self) -> list[Request]:
-        """The queue the next batch comes from (lock held): finals while any wait, else partials."""
-        return list(self._finals) if self._finals else list(self._partials.values())
+        """The queue the next batch comes from (lock held): finals while any wait, else
+        partials; but a partial that has waited `partial_max_wait_ms` gets one batch between
+        two batches of finals, so that under load partials thin out instead of stopping."""
+        if self._finals and not self._partial_overdue():
+            return list(self._finals)
+        return list(self._partials.values()) or list(self._finals)
+
+    def _partial_overdue(self) -> bool:
+        wait = self.config.partial_max_wait_ms / 1000.0
+        if not wait or not self._partials or self._aged_partials_last:
+            return False
+        return time.monotonic() - next(iter(self._partials.values())).enqueued > wait
 
     def _ready_count(self) -> int:
         """Items that could go into the next batch right now (for the 'full batch' early wake)."""
@@ -228,11 +314,13 @@ class MicroBatcher:
                 if r.bucket == bucket and fits(r):  # fits() reads the batch as it grows
                     batch.append(r)
             taken = set(map(id, batch))
-            if self._finals:
+            if batch[0].kind is Kind.FINAL:
                 self._finals = collections.deque(r for r in self._finals if id(r) not in taken)
             else:
                 for r in batch:
                     del self._partials[r.session]
+            # A partial batch taken while finals wait was an overdue one: finals go next.
+            self._aged_partials_last = batch[0].kind is Kind.PARTIAL and bool(self._finals)
         self._publish_depth()
         return batch
 
@@ -329,12 +417,31 @@ class MicroBatcher:
         return [t for half in halves for t in self._results(half, self._start(half))]
 
     def _launch(self, batch: list[Request], first_try: bool = True) -> _InFlight:
-        """Queue a batch on the runner; raises what the launch raised."""
+        """Queue a batch on the runner; raises what the launch raised. The call is watched
+        (check_watchdog) from here until it is collected or failed."""
         start = time.monotonic()
+        call_id = next(self._call_ids)
+        with self._cond:
+            self._calls[call_id] = (start, batch)
+            if first_try:
+                self._final_waits.extend((start, start - r.enqueued) for r in batch if r.kind is Kind.FINAL)
         if first_try:
             for r in batch:
                 self.metrics.queue_wait.labels(r.kind.name.lower()).observe(start - r.enqueued)
-        return _InFlight(batch, self._start(batch), start)
+        try:
+            return _InFlight(batch, self._start(batch), start, call_id)
+        except BaseException:
+            self._end_call(call_id)
+            raise
+
+    def _end_call(self, call_id: int, ok: bool = False) -> None:
+        with self._cond:
+            self._calls.pop(call_id, None)
+            if ok:
+                self.consecutive_failures = 0
+                if self.hung_reason is not None and not self._calls:
+                    log.warning("model recovered: the call the watchdog flagged has returned")
+                    self.hung_reason = None
 
     def _launch_alone(self, batch: list[Request]) -> _InFlight | None:
         """Launch with nothing in flight: whatever fails now is this batch's own."""
@@ -350,6 +457,7 @@ class MicroBatcher:
             inflight.launched.result()  # wait for its queued work before its buffers go
         except Exception:  # noqa: BLE001, S110 - the fault is already being reported
             pass
+        self._end_call(inflight.call_id)
         self._fail(inflight.batch, exc)
 
     def _collect(self, inflight: _InFlight) -> None:
@@ -357,8 +465,10 @@ class MicroBatcher:
         try:
             results = self._results(batch, inflight.launched)
         except Exception as exc:  # noqa: BLE001 - a failed batch must fail its requests, not the worker
+            self._end_call(inflight.call_id)
             self._fail(batch, exc)
             return
+        self._end_call(inflight.call_id, ok=True)
         took = time.monotonic() - inflight.start
         audio_s = sum(r.seconds for r in batch)
         self.batches_run += 1
@@ -377,7 +487,12 @@ class MicroBatcher:
                 self._resolve(r, result=res)
 
     def _fail(self, batch: Sequence[Request], exc: BaseException) -> None:
+        """A whole call failed (not one item): counted towards `broken_reason`."""
         log.error("model call failed for a batch of %d: %s: %s", len(batch), type(exc).__name__, exc, exc_info=exc)
+        with self._cond:
+            self.consecutive_failures += 1
+            self.last_failure = type(exc).__name__
+        self.metrics.batch_failures.inc()
         for r in batch:
             self._resolve(r, exc=exc)
 

@@ -162,6 +162,20 @@ class BatcherConfig:
     max_queue: int = knob(
         1024, "Most requests waiting; past it new partials are dropped and finals still queue.",
     )
+    partial_max_wait_ms: int = knob(
+        1500, "Finals go first, but a partial that has waited this long gets the next batch: under "
+        "load partials come less often instead of stopping (0 = finals always first).",
+    )
+    watchdog_s: float = knob(
+        60.0, "A model call running longer than this marks the model hung: /livez and /healthz turn "
+        "503 (so an orchestrator restarts the process) and every waiting request fails with "
+        "`model_unavailable` instead of waiting forever. 0 = no watchdog.",
+    )
+    max_consecutive_failures: int = knob(
+        5, "Whole model calls failing in a row (not single bad items) after which the model counts as "
+        "broken (a sticky device error): /livez and /healthz turn 503 and say why. A success resets "
+        "the count. 0 = never.",
+    )
 
     @property
     def largest_batch(self) -> int:
@@ -174,6 +188,53 @@ class ServerConfig:
     host: str = knob("127.0.0.1", "Address to listen on.")
     port: int = knob(8765, "TCP port for WebSocket streams, /healthz and /metrics.")
     max_sessions: int = knob(256, "Concurrent sessions; the next handshake gets HTTP 503.")
+    max_sessions_per_address: int = knob(
+        0, "Concurrent sessions from one client IP address; the next handshake gets HTTP 429. "
+        "0 = no limit (behind a reverse proxy every client shares the proxy's address).",
+    )
+    admission_max_final_wait_s: float = knob(
+        2.0, "Capacity-aware admission: while finals wait longer than this in the batcher (the "
+        "oldest waiting final, or the 90th percentile of those started in the last few seconds), "
+        "new sessions get HTTP 503 with Retry-After and /healthz reports `accepting: false`, so a "
+        "load balancer sends them elsewhere; admitted sessions keep their latency. 0 = off.",
+    )
+    max_session_s: float = knob(
+        14400.0, "Longest session, in seconds: then its open segment is finalised, its finals are "
+        "delivered and it closes with 1008 `session_limit` (keepalive does not extend it). 0 = no limit.",
+    )
+    shutdown_timeout_s: float = knob(
+        30.0, "On SIGTERM/SIGINT the server stops accepting (503), finalises every open segment, "
+        "delivers every final and `done`, closes with 1001, and exits within this many seconds; "
+        "sessions still open then are closed anyway.",
+    )
+    shutdown_close_code: int = knob(
+        1001, "Close code sent to clients at shutdown: 1001 (going away) or 1012 (service restart: "
+        "reconnect now, e.g. when an orchestrator replaces the process).",
+    )
+    max_text_message_bytes: int = knob(
+        65536, "Largest text (JSON) message accepted; a larger one gets a `message_too_large` error "
+        "and is dropped.",
+    )
+    max_outgoing_bytes: int = knob(
+        4 << 20, "Bytes queued to one slow client (see `max_outgoing_messages`) before it is "
+        "disconnected (1008).",
+    )
+    auth_tokens_file: str = knob(
+        "", "Token auth: a file of accepted tokens, one per line (# comments allowed); also the "
+        "`CHORUS_AUTH_TOKENS` environment variable (comma-separated). With neither, auth is off. "
+        "Clients send `Authorization: Bearer <token>` or `?token=<token>`; others get HTTP 401 "
+        "before the upgrade. /healthz and /livez stay open.",
+    )
+    metrics_require_token: bool = knob(
+        False, "With token auth on, /metrics also requires a token (else it is open, like /healthz).",
+    )
+    allowed_origins: tuple[str, ...] = knob(
+        (), "Browser Origins allowed to open streams, e.g. `https://captions.example.com`. Always "
+        "allowed: the server's own page (same scheme, host and port) and clients that send no "
+        "Origin (non-browser clients). `*` allows any. Others get HTTP 403.",
+    )
+    tls_cert: str = knob("", "PEM certificate (chain) file: serve wss:// and https:// on the same port. Needs `tls_key`.")
+    tls_key: str = knob("", "PEM private key file for `tls_cert`.")
     max_message_bytes: int = knob(1 << 20, "Largest audio message accepted; a larger one gets a `message_too_large` error and is dropped (beyond 4x this the connection closes with 1009).")
     max_outgoing_messages: int = knob(
         256, "Messages queued to one slow client before it is disconnected (1008) rather than "
@@ -189,7 +250,11 @@ class ServerConfig:
         "session starts with defaults (16 kHz pcm_s16le) at the first audio frame.",
     )
     idle_timeout_s: float = knob(60.0, "A session that sends nothing (not even keepalive) this long is closed.")
-    ping_interval_s: float = knob(20.0, "WebSocket ping interval; 0 disables.")
+    ping_interval_s: float = knob(
+        20.0, "WebSocket ping interval, and how long a pong may take before the connection is "
+        "closed (1011). A connection the server itself is holding back (backpressure, see "
+        "`max_pending_finals`) is never closed for a late pong. 0 disables.",
+    )
     default_language: str = knob(
         "auto", "Language when the client does not set one: `auto` or a code the model supports "
         "(checked when the model has loaded; the server does not become ready otherwise).",
@@ -296,6 +361,14 @@ def validate(cfg: Config) -> None:
         problems.append("server.max_outgoing_messages must be >= 1 (it bounds a slow client's backlog)")
     if cfg.server.max_pending_finals < 1:
         problems.append("server.max_pending_finals must be >= 1")
+    if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
+        problems.append("server.tls_cert and server.tls_key must be given together")
+    if cfg.server.max_text_message_bytes < 1024:
+        problems.append("server.max_text_message_bytes must be >= 1024")
+    if cfg.server.shutdown_close_code not in (1001, 1012):
+        problems.append("server.shutdown_close_code must be 1001 or 1012")
+    if cfg.server.shutdown_timeout_s <= 0:
+        problems.append("server.shutdown_timeout_s must be > 0")
     if cfg.runner.whisper.eot_check_interval < 0:
         problems.append("runner.whisper.eot_check_interval must be >= 0 (0 = automatic)")
     if cfg.batcher.max_batch_size < 1:

@@ -20,7 +20,10 @@ class Metrics:
         r = self.registry
         self.sessions_active = Gauge("chorus_sessions_active", "Open streaming sessions.", registry=r)
         self.sessions_total = Counter("chorus_sessions", "Sessions accepted.", registry=r)
-        self.sessions_rejected = Counter("chorus_sessions_rejected", "Handshakes refused with 503 (full or not ready).", registry=r)
+        self.sessions_rejected = Counter(
+            "chorus_sessions_rejected", "Handshakes refused before the upgrade, by reason (loading, broken, draining, "
+            "full, address_limit, capacity).", ["reason"], registry=r,
+        )
         self.segments = Counter("chorus_segments", "Speech segments finalised.", ["reason"], registry=r)
         self.audio_seconds = Counter("chorus_audio_seconds", "Audio received, in seconds (after resampling).", registry=r)
         self.errors = Counter("chorus_errors", "Error messages sent to clients.", ["code"], registry=r)
@@ -52,9 +55,24 @@ class Metrics:
             "chorus_item_errors", "Items that failed alone (bad options or audio, non-finite model output), by error code.",
             ["code"], registry=r,
         )
+        self.batch_failures = Counter(
+            "chorus_batch_failures", "Model calls that failed as a whole (every item in them failed).", registry=r,
+        )
         self.batch_splits = Counter("chorus_batch_splits", "Batches split in halves after running out of device memory.", registry=r)
         self.queue_depth = Gauge("chorus_batcher_queue_depth", "Requests waiting in the batcher.", registry=r)
         self.model_ready = Gauge("chorus_model_ready", "1 once the model is loaded and warm.", registry=r)
+        self.model_healthy = Gauge(
+            "chorus_model_healthy", "0 while the model is broken (calls failing in a row) or hung (watchdog); else 1.",
+            registry=r,
+        )
+        self.accepting = Gauge(
+            "chorus_accepting_sessions", "1 while new sessions are admitted (ready, healthy, not full, finals not "
+            "waiting too long, not draining).", registry=r,
+        )
+        self.final_wait = Gauge(
+            "chorus_final_wait_seconds", "How long finals wait for the model now (what capacity-aware admission reads).",
+            registry=r,
+        )
         self.stage_seconds = Counter(
             "chorus_stage_seconds",
             "Time spent per stage of the data path: decode (audio decode + resample), vad, and send "

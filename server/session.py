@@ -26,7 +26,8 @@ import numpy as np
 
 from server.audio.codecs import AudioFormatError, decode
 from server.audio.resample import StreamResampler
-from server.batcher import BatcherStopped, Kind, MicroBatcher, Overloaded
+from server import incidents
+from server.batcher import BatcherStopped, Kind, MicroBatcher, ModelUnavailable, Overloaded
 from server.config import Config
 from server.metrics import Metrics
 from server.protocol.native import StreamConfig
@@ -130,18 +131,26 @@ class Session:
             self._handle(self.endpointer.finalize())
 
     async def stop(self) -> None:
-        """Flush: the open segment is finalised, every pending final is delivered."""
-        if self._closed or self._stopping:
+        """Flush: the open segment is finalised, every pending final is delivered.
+        Safe to call again (a graceful shutdown may interrupt a client's own stop): every
+        call returns only once every final is out, or the session is closed."""
+        if self._closed:
             return
-        self._stopping = True
-        if self.resampler is not None:
-            tail = self.resampler.flush()
-            if len(tail):
-                self._handle(self.endpointer.feed(tail))
-        self._handle(self.endpointer.flush())
-        while self._finals:
+        if not self._stopping:
+            self._stopping = True
+            if self.resampler is not None:
+                tail = self.resampler.flush()
+                if len(tail):
+                    self._handle(self.endpointer.feed(tail))
+            self._handle(self.endpointer.flush())
+        while self._finals and not self._closed:
             await asyncio.wait([p.future for p in self._finals])
             self._drain_finals()
+
+    @property
+    def held_back(self) -> bool:
+        """True when ``backpressure()`` would wait."""
+        return len(self._finals) >= self.config.server.max_pending_finals and not self._closed
 
     def close(self) -> None:
         """The connection is gone: drop everything this session still has queued."""
@@ -188,12 +197,17 @@ class Session:
             if exc is not None:
                 # The words are lost for this segment only; say so instead of hanging.
                 if isinstance(exc, ItemError):
-                    code = exc.code
+                    code, why = exc.code, str(exc)
                 elif isinstance(exc, (Overloaded, BatcherStopped)):
-                    code = "overloaded"
+                    code, why = "overloaded", str(exc)
+                elif isinstance(exc, ModelUnavailable):
+                    code, why = "model_unavailable", "the model is not responding"
                 else:
-                    code = "internal"
-                self.output.on_error(code, f"segment {seg.segment_id} could not be recognised: {exc}", False)
+                    # Raw exception text stays in the log: it may hold paths or model internals.
+                    incident = incidents.report(log, "session %s: segment %d failed: %s: %s", None,
+                                                self.id, seg.segment_id, type(exc).__name__, exc)
+                    code, why = "internal", f"internal server error (incident {incident})"
+                self.output.on_error(code, f"segment {seg.segment_id} could not be recognised: {why}", False)
                 self.output.on_final(seg.segment_id, "", seg.start_ms, seg.end_ms, seg.cut_ms, {"error": code})
                 continue
             t: Transcript = p.future.result()
@@ -229,7 +243,7 @@ class Session:
             return
         exc = fut.exception()
         if exc is not None:
-            if not isinstance(exc, (Overloaded, BatcherStopped, ItemError)):
+            if not isinstance(exc, (Overloaded, BatcherStopped, ItemError, ModelUnavailable)):
                 log.warning("partial failed for session %s: %s", self.id, exc)
             return
         t = fut.result()

@@ -1,18 +1,24 @@
 """Plain HTTP answers on the WebSocket port, and admission before the upgrade.
 
 websockets calls ``process_request`` before the handshake; returning a Response
-answers over HTTP instead of upgrading. That is where /healthz and /metrics live,
-and where a full or not-yet-warm server refuses with 503, so an overloaded server
-never spends a WebSocket (or a session) on a client it cannot serve.
+answers over HTTP instead of upgrading. That is where /healthz, /livez and /metrics
+live, where access is checked (token, Origin: server/transport/access.py), and where
+a full, overloaded, draining or not-yet-warm server refuses with 503 (429 past the
+per-address limit), so the server never spends a WebSocket (or a session) on a
+client it cannot serve.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TYPE_CHECKING, Callable
 
+from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+
+from server.admission import Refusal
 
 if TYPE_CHECKING:
     from server.app import ChorusServer
@@ -29,24 +35,56 @@ def json_response(status: int, reason: str, payload: dict) -> Response:
     return _response(status, reason, json.dumps(payload).encode(), "application/json")
 
 
+def refusal_response(refusal: Refusal) -> Response:
+    error = {429: "too_many_sessions"}.get(refusal.status, "overloaded" if refusal.reason in ("full", "capacity") else "unavailable")
+    resp = json_response(refusal.status, "Too Many Requests" if refusal.status == 429 else "Service Unavailable",
+                         {"error": error, "reason": refusal.reason, "message": refusal.message})
+    if refusal.retry_after_s is not None:
+        resp.headers["Retry-After"] = str(refusal.retry_after_s)
+    return resp
+
+
 def make_process_request(app: "ChorusServer") -> Callable:
-    def process_request(connection, request: Request) -> Response | None:  # noqa: ANN001 - websockets type
+    secure = bool(app.config.server.tls_cert)
+
+    def process_request(connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
+            # Readiness: 200 only while a new session would be admitted (load balancers route on it).
             info = app.health()
-            return json_response(200 if info["ready"] else 503, "OK" if info["ready"] else "Service Unavailable", info)
+            return json_response(200 if info["accepting"] else 503, "OK" if info["accepting"] else "Service Unavailable", info)
+        if path == "/livez":
+            # Liveness: 503 only when restarting the process is the cure (broken or hung model).
+            reason = app.liveness()
+            return json_response(200 if reason is None else 503, "OK" if reason is None else "Service Unavailable",
+                                 {"live": reason is None, "reason": reason})
+        denied = app.access.check(request, path, secure)
+        if denied is not None:
+            return denied
         if path == "/metrics":
             return _response(200, "OK", app.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
         if path not in STREAM_PATHS:
-            return json_response(404, "Not Found", {"error": "not_found", "message": f"no route {path}; streams are at /v1/stream"})
+            return json_response(404, "Not Found", {"error": "not_found", "message": "no such route; streams are at /v1/stream"})
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return json_response(426, "Upgrade Required", {"error": "upgrade_required", "message": "connect with a WebSocket client"})
-        refusal = app.admission_refusal()
+        refusal = app.refusal() or app.admission.admit(connection, _address(connection))
         if refusal is not None:
-            app.metrics.sessions_rejected.inc()
-            resp = json_response(503, "Service Unavailable", {"error": "overloaded", "message": refusal})
-            resp.headers["Retry-After"] = "1"
-            return resp
+            app.metrics.sessions_rejected.labels(refusal.reason).inc()
+            return refusal_response(refusal)
+        # The slot is this TCP connection's until it closes, whether or not the upgrade completes.
+        asyncio.get_running_loop().create_task(_release_when_closed(app, connection))
         return None
 
     return process_request
+
+
+def _address(connection: ServerConnection) -> str:
+    peer = connection.remote_address
+    return str(peer[0]) if peer else "?"
+
+
+async def _release_when_closed(app: "ChorusServer", connection: ServerConnection) -> None:
+    try:
+        await connection.wait_closed()
+    finally:
+        app.admission.release(connection)

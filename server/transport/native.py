@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, urlsplit
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from server import incidents
 from server.audio.codecs import AudioFormatError
 from server.protocol import native
 from server.protocol.native import Finalize, KeepAlive, ProtocolError, Start, Stop
@@ -47,9 +48,16 @@ class NativeConnection:
         self.cfg = app.config.server
         self.session: Session | None = None
         self.outbox: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self.cfg.max_outgoing_messages)
+        self._outbox_bytes = 0  # characters queued, bounded by max_outgoing_bytes
         self._kicked = False
         self._writing: asyncio.Task | None = None
         self._kick_close: asyncio.Task | None = None
+        self._serving: asyncio.Task | None = None
+        self._drain_code: int | None = None  # set by drain(): close with this once finals are out
+        # Keepalive (see _keepalive): whether, and since which stall, the server is not reading.
+        self._holding = False
+        self._stalls = 0
+        self.finished: asyncio.Future = asyncio.get_running_loop().create_future()
         # Includes waiting for a full socket buffer, so a slow reader shows up here too.
         self._send_seconds = app.metrics.stage_seconds.labels("send")
 
@@ -71,10 +79,15 @@ class NativeConnection:
     def _send(self, text: str) -> None:
         if self._kicked:
             return
+        if self._outbox_bytes + len(text) > self.cfg.max_outgoing_bytes:
+            self._kick()
+            return
         try:
             self.outbox.put_nowait(text)
         except asyncio.QueueFull:
             self._kick()
+            return
+        self._outbox_bytes += len(text)
 
     def _kick(self) -> None:
         """The client is not reading: cut it loose rather than hold its backlog. Its session
@@ -82,7 +95,8 @@ class NativeConnection:
         next message, and the connection closes with 1008 or, if the client does not take
         the close frame within the grace period, is aborted (which also ends the read loop)."""
         self._kicked = True
-        log.warning("session %s: client fell %d messages behind; closing 1008", self._sid(), self.outbox.maxsize)
+        log.warning("session %s: client fell %d messages (%d characters) behind; closing 1008",
+                    self._sid(), self.outbox.qsize(), self._outbox_bytes)
         self.app.metrics.errors.labels("slow_consumer").inc()
         if self.session is not None:
             self.session.close()
@@ -96,6 +110,7 @@ class NativeConnection:
                 text = await self.outbox.get()
                 if text is None:
                     return
+                self._outbox_bytes -= len(text)
                 t0 = time.perf_counter()
                 await self.ws.send(text)
                 self._send_seconds.inc(time.perf_counter() - t0)
@@ -108,16 +123,28 @@ class NativeConnection:
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         writer = self._writing = asyncio.create_task(self._writer())
+        keepalive = asyncio.create_task(self._keepalive()) if self.cfg.ping_interval_s > 0 else None
+        # The read loop runs in its own task so that drain() can interrupt it between messages.
+        serving = self._serving = asyncio.create_task(self._serve())
         close_code, reason = _CLOSE_NORMAL, ""
         try:
-            close_code, reason = await self._serve()
+            try:
+                close_code, reason = await serving
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if self._drain_code is None or (current is not None and current.cancelling()):
+                    raise  # this handler itself is being cancelled, not a drain
+                close_code, reason = await self._drained()
         except ConnectionClosed:
             pass
-        except Exception:  # noqa: BLE001 - a bug here must close this client only
-            log.exception("session %s: internal error", self._sid())
-            self.on_error("internal", "internal server error; the session is closed", True)
+        except Exception as exc:  # noqa: BLE001 - a bug here must close this client only
+            incident = incidents.report(log, "session %s: internal error", exc, self._sid())
+            self.on_error("internal", f"internal server error (incident {incident}); the session is closed", True)
             close_code, reason = _CLOSE_INTERNAL, "internal error"
         finally:
+            serving.cancel()
+            if keepalive is not None:
+                keepalive.cancel()
             if self.session is not None:
                 self.session.close()
         if self._kick_close is not None:
@@ -132,6 +159,48 @@ class NativeConnection:
             pass
         writer.cancel()
         await self._close(close_code, reason)
+
+    def drain(self, close_code: int) -> None:
+        """Graceful shutdown: stop reading, finalise the open segment, deliver every final
+        and `done`, then close with ``close_code`` (1001, or 1012 for a restart)."""
+        if self._drain_code is not None or self._serving is None:
+            return
+        self._drain_code = close_code
+        self._serving.cancel()
+
+    async def _drained(self) -> tuple[int, str]:
+        assert self._drain_code is not None
+        if self._kicked:
+            return _CLOSE_POLICY, _SLOW_CONSUMER
+        if self.session is not None:
+            self._holding, self._stalls = True, self._stalls + 1
+            await self.session.stop()
+            self._send(native.done())
+        return self._drain_code, "server shutting down"
+
+    async def _keepalive(self) -> None:
+        """Ping every `ping_interval_s`; a pong later than that closes the connection (1011),
+        as websockets' own keepalive would, except while the server itself is not reading
+        this socket (backpressure, or waiting for finals after stop): then the pong may be
+        sitting unread behind the audio the server is holding back, and the client is not
+        at fault. websockets' keepalive cannot know that, so it is off (see app.start)."""
+        interval = self.cfg.ping_interval_s
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                stalls = self._stalls
+                pong = await self.ws.ping()
+                try:
+                    async with asyncio.timeout(interval):
+                        await pong
+                except TimeoutError:
+                    if self._holding or self._stalls != stalls:
+                        continue
+                    log.info("session %s: no pong in %g s; closing 1011", self._sid(), interval)
+                    await self._close(_CLOSE_INTERNAL, "keepalive ping timeout")
+                    return
+        except ConnectionClosed:
+            return
 
     async def _close(self, code: int, reason: str) -> None:
         try:
@@ -168,21 +237,32 @@ class NativeConnection:
             self.on_error(e.code, e.message, True)
             return _CLOSE_POLICY, e.code
 
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + self.cfg.max_session_s if self.cfg.max_session_s > 0 else float("inf")
         while not self._kicked:
-            if self.session is not None:
-                await self.session.backpressure()
+            if self.session is not None and self.session.held_back:
+                self._holding, self._stalls = True, self._stalls + 1
+                try:
+                    await self.session.backpressure()
+                finally:
+                    self._holding = False
             if not self.outbox.empty():
                 # ws.recv() returns without yielding while frames are buffered: let the writer
                 # flush first, so that the outbox bound measures the client's reading and not
                 # this loop's scheduling (a burst of messages must not look like a slow client).
                 await asyncio.sleep(0)
+            # Idle time counts from the last message; the session's length from its start
+            # (keepalive messages reset the first, never the second).
+            idle = self.cfg.idle_timeout_s
             try:
                 # asyncio.timeout, not wait_for: wait_for wraps every receive in a new Task,
                 # which is a measurable share of the loop's CPU per audio message.
-                async with asyncio.timeout(self.cfg.idle_timeout_s):
+                async with asyncio.timeout(min(idle, max(0.0, ends - loop.time()))):
                     message = await self.ws.recv()
             except TimeoutError:
-                self.on_error("idle_timeout", f"nothing received for {self.cfg.idle_timeout_s:g} s", True)
+                if loop.time() >= ends:
+                    return await self._session_limit()
+                self.on_error("idle_timeout", f"nothing received for {idle:g} s", True)
                 return _CLOSE_NORMAL, "idle timeout"
             if isinstance(message, str):
                 done = await self._on_text(message)
@@ -192,7 +272,20 @@ class NativeConnection:
                 self._on_audio(message)
         return _CLOSE_POLICY, _SLOW_CONSUMER
 
+    async def _session_limit(self) -> tuple[int, str]:
+        """`max_session_s` reached: deliver what was said, then close."""
+        limit = self.cfg.max_session_s
+        if self.session is not None:
+            self._holding, self._stalls = True, self._stalls + 1
+            await self.session.stop()
+        self.on_error("session_limit", f"sessions last at most {limit:g} s; reconnect to go on", True)
+        return _CLOSE_POLICY, "session limit"
+
     async def _on_text(self, text: str) -> tuple[int, str] | None:
+        limit = self.cfg.max_text_message_bytes
+        if len(text) > limit or (4 * len(text) > limit and len(text.encode()) > limit):
+            self.on_error("message_too_large", f"text message over {limit} bytes; dropped", False)
+            return None
         try:
             msg = native.parse_text(text)
         except ProtocolError as e:
@@ -215,6 +308,7 @@ class NativeConnection:
             pass
         elif isinstance(msg, Stop):
             if self.session is not None:
+                self._holding, self._stalls = True, self._stalls + 1
                 await self.session.stop()
             self._send(native.done())
             return _CLOSE_NORMAL, "done"
@@ -237,9 +331,14 @@ class NativeConnection:
 
 
 async def handle(app: "ChorusServer", ws: ServerConnection) -> None:
+    """websockets' handler for a stream path; admission already counted this connection."""
     conn = NativeConnection(app, ws)
-    app.session_opened()
+    app.connections.add(conn)
     try:
+        if app.draining:  # admitted just before the drain began: nothing to deliver yet
+            await conn._close(app.config.server.shutdown_close_code, "server shutting down")
+            return
         await conn.run()
     finally:
-        app.session_closed()
+        app.connections.discard(conn)
+        conn.finished.set_result(None)
