@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class SessionResult:
     partial_gap_ms: list[float] = field(default_factory=list)
     first_partial_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    refused: int | None = None  # HTTP status of a refused handshake (503 overloaded, 429, ...)
     lost_finals: int = 0
     finals: int = 0
     refs: list[str] = field(default_factory=list)
@@ -87,6 +89,7 @@ def assign_finals(finals: list[dict], spans: list[tuple[int, int, str]]) -> list
 
 async def one_session(url: str, audio: np.ndarray, spans, transcripts: dict, speed: float, delay: float) -> SessionResult:
     from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
 
     res = SessionResult()
     await asyncio.sleep(delay)
@@ -131,6 +134,10 @@ async def one_session(url: str, audio: np.ndarray, spans, transcripts: dict, spe
             await send_paced(ws, pcm, 16000, CHUNK_MS, speed, clock=clock)
             await ws.send(json.dumps({"type": "stop"}))
             await asyncio.wait_for(rd, timeout=120 + len(audio) / 16000)
+    except InvalidStatus as e:
+        # Refused before the upgrade (admission control): not an error of an admitted session.
+        res.refused = e.response.status_code
+        return res
     except Exception as e:  # noqa: BLE001 - count it and carry on with the other sessions
         res.errors.append(f"disconnect:{type(e).__name__}")
     if not done:
@@ -144,6 +151,9 @@ async def one_session(url: str, audio: np.ndarray, spans, transcripts: dict, spe
 
 
 def summarize(results: list[SessionResult], sessions: int) -> dict:
+    """Figures over the admitted sessions; refused handshakes are counted apart."""
+    refused = [r.refused for r in results if r.refused is not None]
+    results = [r for r in results if r.refused is None]
     lat = [x for r in results for x in r.final_latency_ms]
     gaps = [x for r in results for x in r.partial_gap_ms]
     first = [x for r in results for x in r.first_partial_ms]
@@ -158,6 +168,9 @@ def summarize(results: list[SessionResult], sessions: int) -> dict:
         pass
     return {
         "sessions": sessions,
+        "admitted": len(results),
+        "refused": len(refused),
+        "refused_status": sorted(set(refused)),
         "finals": sum(r.finals for r in results),
         "final_latency_ms": {"p50": percentile(lat, 50), "p95": percentile(lat, 95), "max": max(lat) if lat else None},
         "partial_gap_ms": {"p50": percentile(gaps, 50), "p95": percentile(gaps, 95)},
@@ -174,12 +187,15 @@ def _transcripts() -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-async def _run_sessions(url: str, sessions: int, duration: float, clips: list[str], seed: int, speed: float, first_index: int = 0) -> list[SessionResult]:
+async def _run_sessions(url: str, sessions: int, duration: float, clips: list[str], seed: int, speed: float,
+                        first_index: int = 0, arrival_s: float = 0.0) -> list[SessionResult]:
     transcripts = _transcripts()
     tasks = []
     for i in range(sessions):
         audio, spans = build_stream(clips, duration, seed + first_index + i)
-        tasks.append(one_session(url, audio, spans, transcripts, speed, delay=(i / max(1, sessions))))
+        # Arrivals spread over a second, or one every `arrival_s` (how admission control sees them).
+        delay = (first_index + i) * arrival_s if arrival_s else i / max(1, sessions)
+        tasks.append(one_session(url, audio, spans, transcripts, speed, delay=delay))
     return await asyncio.gather(*tasks)
 
 
@@ -204,19 +220,20 @@ def holds_target(summary: dict, target_ms: float, partial_gap_ms: float | None =
 
 
 def _proc_main(args: tuple) -> list[SessionResult]:
-    url, n, duration, clips, seed, speed, first = args
-    return asyncio.run(_run_sessions(url, n, duration, clips, seed, speed, first))
+    url, n, duration, clips, seed, speed, first, arrival_s = args
+    return asyncio.run(_run_sessions(url, n, duration, clips, seed, speed, first, arrival_s))
 
 
-def run_multiproc(url: str, sessions: int, duration: float, clips: list[str], seed: int, speed: float, procs: int) -> dict:
+def run_multiproc(url: str, sessions: int, duration: float, clips: list[str], seed: int, speed: float, procs: int,
+                  arrival_s: float = 0.0) -> dict:
     """Split sessions over processes so the generator is not the bottleneck; merge raw samples."""
     if procs <= 1:
-        return summarize(asyncio.run(_run_sessions(url, sessions, duration, clips, seed, speed)), sessions)
+        return summarize(asyncio.run(_run_sessions(url, sessions, duration, clips, seed, speed, 0, arrival_s)), sessions)
     shares = [sessions // procs + (1 if i < sessions % procs else 0) for i in range(procs)]
     jobs, first = [], 0
     for n in shares:
         if n:
-            jobs.append((url, n, duration, clips, seed, speed, first))
+            jobs.append((url, n, duration, clips, seed, speed, first, arrival_s))
             first += n
     with mp.get_context("spawn").Pool(len(jobs)) as pool:
         parts = pool.map(_proc_main, jobs)
@@ -258,9 +275,13 @@ class SpawnedServer:
         raise RuntimeError("server did not become ready in 300 s")
 
     def model(self) -> dict:
-        """The server's own account of its model and device (from /healthz)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=60) as r:
-            return json.loads(r.read()).get("model", {})
+        """The server's own account of its model and device (from /healthz, which answers 503
+        with the same body while it admits no new session)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=60) as r:
+                return json.loads(r.read()).get("model", {})
+        except urllib.error.HTTPError as e:
+            return json.loads(e.read()).get("model", {})
 
     def __exit__(self, *exc: object) -> None:
         self.proc.send_signal(signal.SIGINT)
@@ -377,13 +398,15 @@ def markdown(modes: dict[str, list[dict]], target: float, command: str, duration
             out.append("")
             out.append("server: " + ", ".join(f"{k}={v}" for k, v in rows[0]["server"].items()))
         out.append("")
-        out.append("| sessions | finals | final p50 ms | final p95 ms | final max ms | partial gap p50 ms | partial gap p95 ms | errors | lost finals | WER | mean batch |")
-        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        out.append("| sessions | admitted | refused | finals | final p50 ms | final p95 ms | final max ms | first partial p50 ms | partial gap p50 ms | partial gap p95 ms | errors | lost finals | WER | mean batch |")
+        out.append("| --- " * 14 + "|")
         for r in rows:
             wer = "-" if r.get("wer") is None else f"{r['wer']:.1%}"
             mb = "-" if r.get("mean_batch") is None else f"{r['mean_batch']:.2f}"
             f, g = r["final_latency_ms"], r["partial_gap_ms"]
-            out.append(f"| {r['sessions']} | {r['finals']} | {_fmt(f['p50'])} | {_fmt(f['p95'])} | {_fmt(f['max'])} | "
+            refused = f"{r.get('refused', 0)}" + (f" ({', '.join(map(str, r['refused_status']))})" if r.get("refused") else "")
+            out.append(f"| {r['sessions']} | {r.get('admitted', r['sessions'])} | {refused} | {r['finals']} | {_fmt(f['p50'])} | "
+                       f"{_fmt(f['p95'])} | {_fmt(f['max'])} | {_fmt(r['first_partial_ms']['p50'])} | "
                        f"{_fmt(g['p50'])} | {_fmt(g['p95'])} | {r['errors']} | {r['lost_finals']} | {wer} | {mb} |")
         out.append("")
         rows_with = [r for r in rows if r.get("time", {}).get("ms_per_audio_s")]
@@ -450,6 +473,8 @@ def main() -> int:
     p.add_argument("--partial-gap-target-ms", type=float,
                    help="also require the p95 gap between a segment's partials to be within this")
     p.add_argument("--speed", type=float, default=1.0)
+    p.add_argument("--arrival-interval", type=float, default=0.0, metavar="S",
+                   help="start session i at i*S seconds (default: all within the first second)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spawn-server", help="command that starts a server (a free --port is appended)")
     p.add_argument("--compare-batching", action="store_true", help="with --spawn-server: batching on, then off")
@@ -491,12 +516,12 @@ def main() -> int:
                 # A fresh server per step, so one step's backlog or metrics never leak into the next.
                 with SpawnedServer(args.spawn_server, extra) as srv:
                     before = _scrape(srv.url)
-                    row = run_multiproc(srv.url, n, args.duration, args.clips, args.seed, args.speed, args.procs)
+                    row = run_multiproc(srv.url, n, args.duration, args.clips, args.seed, args.speed, args.procs, args.arrival_interval)
                     after = _scrape(srv.url)
                     row["server"] = srv.model()
             else:
                 before = _scrape(args.url)
-                row = run_multiproc(args.url, n, args.duration, args.clips, args.seed, args.speed, args.procs)
+                row = run_multiproc(args.url, n, args.duration, args.clips, args.seed, args.speed, args.procs, args.arrival_interval)
                 after = _scrape(args.url)
             if before is not None and after is not None:
                 row["mean_batch"] = mean_batch_size(after)
@@ -504,6 +529,7 @@ def main() -> int:
             row["within_target"] = holds_target(row, args.latency_target_ms, args.partial_gap_target_ms)
             rows.append(row)
             print(f"[{mode}] N={n}: final p50/p95 {_fmt(row['final_latency_ms']['p50'])}/{_fmt(row['final_latency_ms']['p95'])} ms, "
+                  f"admitted {row['admitted']}, refused {row['refused']} {row['refused_status']}, "
                   f"errors {row['errors']}, lost {row['lost_finals']}, mean batch {row.get('mean_batch')}, "
                   f"WER {row['wer']}, ms per audio s {row.get('time', {}).get('ms_per_audio_s')}", flush=True)
             if args.stop_after_miss and not row["within_target"]:

@@ -125,6 +125,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         run(config)
     except KeyboardInterrupt:
         pass
+    except ConfigError as e:  # e.g. an unreadable tokens file or certificate
+        log.error("config error: %s", e)
+        return 2
     except Exception as e:  # noqa: BLE001 - report and exit non-zero instead of a traceback wall
         log.error("server stopped: %s", e)
         return 1

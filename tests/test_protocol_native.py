@@ -7,6 +7,7 @@ import json
 import pytest
 
 from server.audio.codecs import ENCODINGS
+from server.audio.resample import STANDARD_RATES
 from server.protocol import native
 from server.protocol.native import (
     CONFIG_KEYS, PROTOCOL_VERSION, Finalize, KeepAlive, ProtocolError, Start, Stop, StreamConfig,
@@ -105,7 +106,8 @@ def test_defaults_and_default_language():
 
 @pytest.mark.parametrize("cfg", [
     StreamConfig(), StreamConfig(48000, "pcm_f32le", "fr", True, 100, 1000),
-    StreamConfig(192000, "mulaw", "auto", False, 5000, 30000), StreamConfig(8000, "alaw", "en", True, None, None),
+    StreamConfig(96000, "mulaw", "auto", False, 5000, 30000), StreamConfig(8000, "alaw", "en", True, None, None),
+    StreamConfig(44100, "pcm_s16le", "de", True, None, 1000),
 ])
 def test_round_trip_of_valid_configs(cfg):
     # what a client sends in a start message (JSON types) comes back as the same config
@@ -117,10 +119,13 @@ def test_round_trip_of_valid_configs(cfg):
     assert build_config(parse_query(query)) == cfg
 
 
+RATES_TEXT = "8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 96000"
+
+
 @pytest.mark.parametrize("field,value,allowed", [
-    ("sample_rate", 7999, "8000 to 192000"), ("sample_rate", 192001, "8000 to 192000"),
-    ("sample_rate", "16k", "8000 to 192000"), ("sample_rate", "", "8000 to 192000"),
-    ("sample_rate", 16000.0, "8000 to 192000"), ("sample_rate", True, "8000 to 192000"),
+    ("sample_rate", 7999, RATES_TEXT), ("sample_rate", 192001, RATES_TEXT),
+    ("sample_rate", "16k", RATES_TEXT), ("sample_rate", "", RATES_TEXT),
+    ("sample_rate", 16000.0, RATES_TEXT), ("sample_rate", True, RATES_TEXT),
     ("encoding", "opus", ", ".join(ENCODINGS)), ("encoding", 1, ", ".join(ENCODINGS)),
     ("language", "e", "2-8 letter"), ("language", "english-us", "2-8 letter"), ("language", "en_US", "2-8 letter"),
     ("language", "", "2-8 letter"), ("language", 5, "auto"),
@@ -133,6 +138,25 @@ def test_bad_config_names_field_and_allowed_values(field, value, allowed):
     e = code_of(build_config, {field: value})
     assert e.code == "bad_config" and e.fatal
     assert field in e.message and allowed in e.message
+
+
+def test_standard_rates_are_the_documented_ones():
+    assert ", ".join(map(str, STANDARD_RATES)) == RATES_TEXT
+
+
+@pytest.mark.parametrize("rate", STANDARD_RATES)
+def test_each_standard_sample_rate_is_accepted(rate):
+    assert build_config({"sample_rate": rate}).sample_rate == rate
+    assert build_config(parse_query({"sample_rate": str(rate)})).sample_rate == rate
+    assert build_config(parse_text(f'{{"type":"start","sample_rate":{rate}}}').config_fields).sample_rate == rate
+
+
+@pytest.mark.parametrize("rate", [44099, 191999, 192000, 44101, 16001, 15999, 8001, 7999, 0, -16000, 176400, 88200])
+def test_other_sample_rates_are_refused_with_the_accepted_list(rate):
+    for value, echoed in ((rate, str(rate)), (str(rate), repr(str(rate)))):
+        e = code_of(build_config, {"sample_rate": value})
+        assert e.code == "bad_config" and e.fatal
+        assert e.message == f"sample_rate must be one of {RATES_TEXT} (Hz), got {echoed}"
 
 
 def test_max_segment_limit_is_the_servers():
@@ -193,6 +217,54 @@ def test_long_language_value_is_not_echoed_back(languages):
     assert e.code == "bad_config"
     assert "q" * 31 + "<" in e.message and "script" not in e.message and "zzz" not in e.message
     assert "100039 characters" in e.message and len(e.message) < 1000
+
+
+# Error messages never reflect unbounded client input (a 3 MB request once got a 3 MB error).
+
+
+def test_long_message_type_is_not_echoed_back():
+    e = code_of(parse_text, json.dumps({"type": "B" * 3_000_000}))
+    assert e.code == "unknown_type" and len(e.message) < 200
+    assert "'" + "B" * 32 + "'... (3000000 characters)" in e.message
+
+
+@pytest.mark.parametrize("kind,echoed", [
+    ([1, 2, 3], "an array of 3 item(s)"), ({"a": [1]}, "an object of 1 key(s)"), (7, "7"), (None, "null"),
+    (1e309, "Infinity"), (10 ** 4000, "an integer of about 4001 digits"), ("\ud800", "'\\ud800'"),
+])
+def test_message_type_echo_is_bounded_for_any_json_value(kind, echoed):
+    e = code_of(parse_text, json.dumps({"type": kind}) if kind != 10 ** 4000 else '{"type":1' + "0" * 4000 + "}")
+    assert e.message == f"unknown message type {echoed}; expected start, finalize, keepalive or stop"
+    native.error(e.code, e.message, e.fatal).encode("utf-8")  # lone surrogates are escaped
+
+
+def test_many_or_long_unknown_fields_are_not_all_echoed_back():
+    e = code_of(parse_text, json.dumps({"type": "start", **{f"k{i:06d}": 1 for i in range(100_000)}}))
+    assert e.code == "bad_config" and len(e.message) < 300
+    assert "unknown start field(s) 'k000000', 'k000001', 'k000002', 'k000003' and 99996 more; allowed:" in e.message
+    e = code_of(parse_query, {"x" * 3_000_000: "1", "sample_rate": "8000"})
+    assert e.message.startswith("unknown query parameter(s) '" + "x" * 32 + "'... (3000000 characters); allowed:")
+    e = code_of(parse_query, {f"p{i}": "" for i in range(5000)})
+    assert "and 4996 more" in e.message and len(e.message) < 300
+    e = code_of(build_config, {"\U0001f600" * 1000: 1})
+    assert e.code == "bad_config" and len(e.message) < 300
+
+
+@pytest.mark.parametrize("fields", [
+    {"encoding": "e" * 3_000_000}, {"interim_results": "y" * 3_000_000}, {"endpointing_ms": "9" * 3_000_000},
+    {"max_segment_ms": [0] * 1_000_000}, {"sample_rate": "1" * 3_000_000}, {"sample_rate": 10 ** 5000},
+    {"language": {"a" * 3_000_000: 1}},
+])
+def test_long_config_values_are_not_echoed_back(fields):
+    e = code_of(build_config, fields)
+    assert e.code == "bad_config" and len(e.message) < 300 and next(iter(fields)) in e.message
+
+
+@pytest.mark.parametrize("field,value", [("sample_rate", [[1]] * 100_000), ("encoding", ["x" * 3_000_000]),
+                                         ("interim_results", {"k": "v" * 3_000_000})])
+def test_wrong_json_types_in_start_are_not_echoed_back(field, value):
+    e = code_of(parse_text, json.dumps({"type": "start", field: value}))
+    assert e.code == "bad_config" and field in e.message and len(e.message) < 300
 
 
 def test_long_list_of_languages_is_bounded():

@@ -7,11 +7,11 @@ To make that bound bite on loopback, the slow client
   window stays small) and hands it to websockets with ``sock=``;
 - never calls ``recv`` while flooding, so websockets stops reading the socket after
   ``max_queue`` frames and the TCP window closes;
-- floods the server with text messages of an unknown ``type``: each one is answered by a
-  non-fatal ``unknown_type`` error that echoes the type, so every message it sends costs the
-  server a ~2 kB reply without touching the model. Once the kernel buffers and the
-  websockets write buffer are full the server's writer blocks, the outbox (4 messages here)
-  fills, and the client must be disconnected.
+- floods the server with small text messages of an unknown ``type``: each one is answered by
+  a non-fatal ``unknown_type`` error (~130 bytes), so every message it sends costs the server
+  a reply without touching the model. Once the kernel buffers and the websockets write buffer
+  are full the server's writer blocks, the outbox (4 messages here) fills, and the client
+  must be disconnected.
 
 Meanwhile a well-behaved session on the same server streams speech and must get every
 final, accurately, and close normally.
@@ -38,9 +38,9 @@ from tests.test_server import check_stream_invariants
 log = logging.getLogger(__name__)
 
 MAX_OUTGOING = 4
-FLOOD_PAYLOAD = json.dumps({"type": "x" * 2000})  # each one is answered by a ~2 kB unknown_type error
-FLOOD_MAX_MESSAGES = 20_000  # ~40 MB of replies: far more than any loopback buffering
-FLOOD_BATCH = 50  # messages between two looks at /metrics
+FLOOD_PAYLOAD = json.dumps({"type": "x"})  # each one is answered by a ~130-byte unknown_type error
+FLOOD_MAX_MESSAGES = 200_000  # ~26 MB of replies: far more than any loopback buffering
+FLOOD_BATCH = 500  # messages between two looks at /metrics
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +231,29 @@ def test_a_burst_from_a_reading_client_is_not_mistaken_for_a_slow_one(srv):
     assert [m["code"] for m in replies[:-1]] == ["unknown_type"] * burst
     assert replies[-1]["type"] == "done"
     assert errors_sent(srv, "slow_consumer") == kicked_before
+
+
+def test_outbox_is_bounded_in_bytes_too(whisper_runner):
+    """A message-count bound alone lets a slow client pin count x message-size bytes of
+    server memory; `max_outgoing_bytes` cuts it loose once that many characters wait."""
+    cfg = make_config(**{"server.max_outgoing_messages": 1_000_000, "server.max_outgoing_bytes": 8192})
+    with ServerThread(cfg, whisper_runner) as s:
+        kicked_before = errors_sent(s, "slow_consumer")
+
+        async def main() -> tuple[bool, int, int | None]:
+            sock = small_rcvbuf_socket(s.app.port)
+            async with connect(s.url, sock=sock, max_size=None, ping_interval=None, close_timeout=30) as ws:
+                kicked, sent = await flood_until_kicked(ws, s, kicked_before)
+                if not kicked:
+                    ws.transport.abort()
+                    return False, sent, None
+                try:
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 30)
+                except ConnectionClosed:
+                    pass
+                return True, sent, ws.close_code
+
+        kicked, sent, code = asyncio.run(main())
+    assert kicked, f"{sent} unread replies and no kick"
+    assert code == 1008

@@ -21,6 +21,10 @@ from server.audio.resample import resample
 log = logging.getLogger(__name__)
 
 _PCM, _FLOAT, _ALAW, _MULAW, _EXTENSIBLE = 0x0001, 0x0003, 0x0006, 0x0007, 0xFFFE
+# Sample rates a WAV header may claim. Outside this range the header is lying or broken, and
+# believing it would be costly: load_audio_16k from a claimed 1 Hz makes 16000 samples of every
+# byte (a 1 MB file -> 64 GB of float32).
+MIN_RATE, MAX_RATE = 1000, 768_000
 
 
 def _samples(raw: bytes, fmt: int, bits: int, path: str) -> np.ndarray:
@@ -49,7 +53,10 @@ def _samples(raw: bytes, fmt: int, bits: int, path: str) -> np.ndarray:
 
 
 def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Read a WAV file: (float32 mono samples in [-1, 1], sample rate)."""
+    """Read a WAV file: (float32 mono samples in [-1, 1], sample rate in MIN_RATE..MAX_RATE).
+
+    Anything that is not such a file raises ``AudioFormatError``; never more samples than the
+    file has bytes, whatever its header claims."""
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
@@ -88,10 +95,12 @@ def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         raise AudioFormatError(
             f"{name}: unsupported WAV format (format tag 0x{fmt:04x}); use PCM, IEEE float, mu-law or A-law"
         )
-    if channels < 1 or rate < 1 or bits == 0 or block_align != channels * ((bits + 7) // 8):
+    if channels < 1 or bits == 0 or block_align != channels * ((bits + 7) // 8):
         raise AudioFormatError(
             f"{name}: inconsistent WAV header ({channels} ch, {rate} Hz, {bits} bits, block {block_align})"
         )
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioFormatError(f"{name}: unsupported sample rate {rate} Hz (supported: {MIN_RATE} to {MAX_RATE} Hz)")
     usable = len(raw) - len(raw) % block_align
     if usable != len(raw):
         log.warning("%s: data ends mid-frame; %d trailing bytes ignored", name, len(raw) - usable)

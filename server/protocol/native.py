@@ -11,6 +11,7 @@ sees; user docs: docs/protocol.md.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import math
 import re
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Collection, Mapping
 
 from server.audio.codecs import ENCODINGS
+from server.audio.resample import STANDARD_RATES
 
 PROTOCOL_VERSION = 1
 CONFIG_KEYS = ("sample_rate", "encoding", "language", "interim_results", "endpointing_ms", "max_segment_ms")
@@ -25,15 +27,20 @@ CONFIG_KEYS = ("sample_rate", "encoding", "language", "interim_results", "endpoi
 _QUERY_PASSTHROUGH = ("token",)
 _LANGUAGE_RE = re.compile(r"[a-z-]{2,8}")
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
-# A client's value is echoed in an error message only up to this many characters.
+# A client's value is echoed in an error message only up to this many characters (and its
+# repr, escapes included, only up to _ECHO_REPR_CHARS): error messages never reflect unbounded
+# client input, however large the request.
 _ECHO_CHARS = 32
+_ECHO_REPR_CHARS = 80
+# Error messages name at most this many of the unknown fields/parameters a client gave.
+_ECHO_KEYS = 4
 # Error messages list the supported language codes up to about this many characters.
-_LIST_CHARS = 800
+_LIST_CHARS = 700
 
 
 @dataclass(frozen=True)
 class StreamConfig:
-    sample_rate: int = 16000  # Hz of the audio the client sends; resampled to 16 kHz
+    sample_rate: int = 16000  # Hz of the audio the client sends, one of STANDARD_RATES; resampled to 16 kHz
     encoding: str = "pcm_s16le"  # one of server.audio.codecs.ENCODINGS
     language: str = "auto"  # "auto" or a language code
     interim_results: bool = True  # send partials
@@ -88,9 +95,9 @@ def _bad_config(message: str) -> ProtocolError:
 
 def parse_query(query: Mapping[str, str]) -> dict:
     """The CONFIG_KEYS present in the URL query (values still strings); {} if none."""
-    unknown = sorted(k for k in query if k not in CONFIG_KEYS and k not in _QUERY_PASSTHROUGH)
+    unknown = [k for k in query if k not in CONFIG_KEYS and k not in _QUERY_PASSTHROUGH]
     if unknown:
-        raise _bad_config(f"unknown query parameter(s) {', '.join(unknown)}; allowed: {', '.join(CONFIG_KEYS)}")
+        raise _bad_config(f"unknown query parameter(s) {_echo_keys(unknown)}; allowed: {', '.join(CONFIG_KEYS)}")
     return {k: query[k] for k in CONFIG_KEYS if k in query}
 
 
@@ -105,16 +112,16 @@ def parse_text(text: str) -> ClientMessage:
     kind = obj.get("type")
     if kind == "start":
         fields = {k: v for k, v in obj.items() if k != "type"}
-        unknown = sorted(k for k in fields if k not in CONFIG_KEYS)
+        unknown = [k for k in fields if k not in CONFIG_KEYS]
         if unknown:
-            raise _bad_config(f"unknown start field(s) {', '.join(unknown)}; allowed: {', '.join(CONFIG_KEYS)}")
+            raise _bad_config(f"unknown start field(s) {_echo_keys(unknown)}; allowed: {', '.join(CONFIG_KEYS)}")
         for key, value in fields.items():
             _check_json_type(key, value)
         return Start(fields)
     if isinstance(kind, str) and kind in _CONTROLS:
         return _CONTROLS[kind]
     raise ProtocolError(
-        "unknown_type", f"unknown message type {kind!r}; expected start, finalize, keepalive or stop"
+        "unknown_type", f"unknown message type {_echo(kind)}; expected start, finalize, keepalive or stop"
     )
 
 
@@ -130,31 +137,77 @@ def _check_json_type(key: str, value: Any) -> None:
     if not ok:
         want = {"encoding": "a string", "language": "a string", "interim_results": "true or false",
                 "sample_rate": "an integer"}.get(key, "an integer or null")
-        raise _bad_config(f"{key} must be {want}, got {json.dumps(value)}")
+        raise _bad_config(f"{key} must be {want}, got {_echo(value)}")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _as_int(value: Any) -> int | None:
+    """An integer from JSON (int) or a query (decimal string of at most 9 digits), else None."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}", value.strip()):
+        return int(value.strip())
+    return value if _is_int(value) else None
+
+
 def _int_field(fields: Mapping, key: str, lo: int, hi: int) -> int | None:
-    """An integer field from JSON (int) or a query (decimal string), range-checked."""
+    """An integer field, range-checked; None if absent or null."""
     if key not in fields or fields[key] is None:
         return None
-    value = fields[key]
-    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}", value.strip()):
-        value = int(value.strip())
-    if not _is_int(value) or not lo <= value <= hi:
-        raise _bad_config(f"{key} must be an integer from {lo} to {hi}, got {value!r}")
+    value = _as_int(fields[key])
+    if value is None or not lo <= value <= hi:
+        raise _bad_config(f"{key} must be an integer from {lo} to {hi}, got {_echo(fields[key])}")
+    return value
+
+
+def _sample_rate_field(fields: Mapping) -> int | None:
+    """``sample_rate``: one of STANDARD_RATES; None if absent or null."""
+    if "sample_rate" not in fields or fields["sample_rate"] is None:
+        return None
+    value = _as_int(fields["sample_rate"])
+    if value not in STANDARD_RATES:
+        raise _bad_config(
+            f"sample_rate must be one of {', '.join(map(str, STANDARD_RATES))} (Hz), got {_echo(fields['sample_rate'])}"
+        )
     return value
 
 
 def _echo(value: Any) -> str:
-    """A client's value for an error message: its repr, cut to ``_ECHO_CHARS`` characters."""
-    if isinstance(value, str) and len(value) > _ECHO_CHARS:
-        return f"{value[:_ECHO_CHARS]!r}... ({len(value)} characters)"
-    text = repr(value)
-    return text if len(text) <= _ECHO_CHARS else text[:_ECHO_CHARS] + "..."
+    """A client's value for an error message, bounded whatever its size or depth.
+
+    A string: its repr, cut to ``_ECHO_CHARS`` characters (and ``_ECHO_REPR_CHARS`` of repr,
+    so escapes cannot inflate it), plus its length when cut; repr also escapes lone surrogates,
+    so the message stays valid UTF-8. Numbers, true/false/null: as in JSON (a huge integer by
+    its size). An array or object: its size only (never its repr: megabytes, or nesting deep
+    enough to overflow the stack).
+    """
+    if isinstance(value, str):
+        text = repr(value[:_ECHO_CHARS])
+        if len(text) > _ECHO_REPR_CHARS:
+            text = text[:_ECHO_REPR_CHARS] + "..."
+        return text if len(value) <= _ECHO_CHARS else f"{text}... ({len(value)} characters)"
+    if value is None or isinstance(value, (bool, float)):
+        return json.dumps(value)  # null, true, false, 1.5, Infinity, NaN
+    if isinstance(value, int):
+        if abs(value) < 10 ** _ECHO_CHARS:
+            return str(value)
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    if isinstance(value, (list, tuple)):
+        return f"an array of {len(value)} item(s)"
+    if isinstance(value, Mapping):
+        return f"an object of {len(value)} key(s)"
+    return f"a {type(value).__name__}"
+
+
+def _echo_keys(keys: list) -> str:
+    """Unknown field names for an error message: the first few (sorted), each cut, and a count."""
+    try:
+        shown = heapq.nsmallest(_ECHO_KEYS, keys)
+    except TypeError:  # keys of mixed types (not from JSON or a URL): any few will do
+        shown = keys[:_ECHO_KEYS]
+    text = ", ".join(_echo(k) for k in shown)
+    return text if len(keys) <= len(shown) else f"{text} and {len(keys) - len(shown)} more"
 
 
 def _code_list(codes: Collection[str]) -> str:
@@ -182,19 +235,19 @@ def build_config(
     ``languages``: the codes the loaded model accepts ("auto" included; from
     ``ModelRunner.languages()``); a language outside it is a ``bad_config``. None accepts any
     well-formed code."""
-    unknown = sorted(k for k in fields if k not in CONFIG_KEYS)
+    unknown = [k for k in fields if k not in CONFIG_KEYS]
     if unknown:
-        raise _bad_config(f"unknown config field(s) {', '.join(unknown)}; allowed: {', '.join(CONFIG_KEYS)}")
+        raise _bad_config(f"unknown config field(s) {_echo_keys(unknown)}; allowed: {', '.join(CONFIG_KEYS)}")
     out: dict[str, Any] = {}
 
-    rate = _int_field(fields, "sample_rate", 8000, 192000)
+    rate = _sample_rate_field(fields)
     if rate is not None:
         out["sample_rate"] = rate
 
     if "encoding" in fields:
         enc = fields["encoding"]
         if not isinstance(enc, str) or enc not in ENCODINGS:
-            raise _bad_config(f"encoding must be one of {', '.join(ENCODINGS)}, got {enc!r}")
+            raise _bad_config(f"encoding must be one of {', '.join(ENCODINGS)}, got {_echo(enc)}")
         out["encoding"] = enc
 
     given = fields.get("language", default_language)
@@ -215,7 +268,7 @@ def build_config(
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             value = value.strip().lower() in _TRUE
         if not isinstance(value, bool):
-            raise _bad_config(f"interim_results must be true or false, got {value!r}")
+            raise _bad_config(f"interim_results must be true or false, got {_echo(value)}")
         out["interim_results"] = value
 
     endpointing = _int_field(fields, "endpointing_ms", 100, 5000)

@@ -12,7 +12,9 @@ Semantics
 - A segment *opens* when, within the last ``pre_roll_ms`` of frames, the voiced frames
   add up to ``start_speech_ms``. Its audio starts ``pre_roll_ms`` before the first
   voiced frame of that window, so word onsets are not clipped; the start is clipped at
-  the stream start and at the end of the previous segment (segments never overlap).
+  the stream start, at the end of the previous segment (segments never overlap), and so
+  that no segment is longer than ``max_segment_ms`` (this only bites when ``max_segment_ms``
+  is shorter than the pre-roll plus the onset window).
 - It is *confirmed* once its voiced frames add up to ``min_speech_ms``: only then is
   ``SpeechStarted`` emitted and a ``segment_id`` given (0, 1, 2, ... over confirmed
   segments only). A segment that ends unconfirmed is dropped without a trace: clicks
@@ -220,7 +222,9 @@ class Endpointer:
             if self._window_voiced < self._start_frames:
                 return
             onset = next(i for i, v in self._window if v) * self._frame
-            start = max(onset - self._pre_roll, self._prev_end, 0)
+            # Clipped so that the check below cannot find it already longer than max_segment_ms
+            # (pre-roll + onset window > max_segment_ms would otherwise give an over-long segment).
+            start = max(onset - self._pre_roll, self._prev_end, 0, frame_end + self._frame - self._max_len)
             seg = self._segment = _Segment(start, self._window_voiced, frame_end)
         elif voiced:
             seg.voiced_frames += 1
@@ -305,4 +309,6 @@ class Endpointer:
 
 
 def _to_pcm16(x: np.ndarray) -> np.ndarray:
-    return np.clip(x * 32768.0, -32768.0, 32767.0).astype("<i2")
+    # Clipped to [-1, 1] before scaling: a huge (finite) float32 sample times 32768 would
+    # overflow to inf with a RuntimeWarning; the result is the same either way.
+    return np.minimum(np.clip(x, -1.0, 1.0) * np.float32(32768.0), np.float32(32767.0)).astype("<i2")
