@@ -6,23 +6,33 @@ handshake, session ended). Counting at admission rather than in the session hand
 means concurrent handshakes cannot overshoot ``server.max_sessions``.
 
 Besides the fixed limits (sessions in all, sessions per client address) admission is
-capacity-aware: while finals wait longer than ``server.admission_max_final_wait_s`` for
-the model, new sessions are refused with 503 + Retry-After (and /healthz says
-``accepting: false``) so that the sessions already admitted keep their latency and a
-load balancer sends newcomers to another replica. Admitted sessions are never closed
-for load: their finals queue and are delivered.
+capacity-aware, so that the sessions already admitted keep their latency and a load
+balancer sends newcomers to another replica (503 + Retry-After; /healthz says
+``accepting: false``):
+- projected load: the model's busy share on finals over the last 20 s, divided by the
+  sessions open over that time (time-averaged, counting only sessions open for at least
+  10 s: a new session has sent no final yet, and counting it would make every session look
+  cheaper than it is), times the sessions one more admission would make; refused above
+  ``server.admission_max_model_load``. This looks ahead: a queue only shows overload once
+  the sessions that cause it are already in;
+- backlog: finals already waiting longer than ``server.admission_max_final_wait_s``.
+Admitted sessions are never closed for load: their finals queue and are delivered.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import time
 from dataclasses import dataclass
 from typing import Hashable
 
-from server.batcher import MicroBatcher
+from server.batcher import LOAD_WINDOW_S, MicroBatcher
 from server.config import ServerConfig
 from server.metrics import Metrics
+
+# A session counts towards the per-session cost once open this long (it has had finals).
+SETTLED_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -41,11 +51,39 @@ class Admission:
         self.sessions = 0
         self._address_of: dict[Hashable, str] = {}
         self._per_address: collections.Counter[str] = collections.Counter()
+        self._counts: collections.deque[tuple[float, int]] = collections.deque()  # (time, settled sessions)
+        self._opened_at: dict[Hashable, float] = {}
+
+    def tick(self, now: float | None = None) -> None:
+        """Sample the session count (once a second, from the server's monitor)."""
+        now = time.monotonic() if now is None else now
+        settled = sum(1 for t in self._opened_at.values() if now - t >= SETTLED_S)
+        self._counts.append((now, settled))
+        while self._counts and self._counts[0][0] < now - LOAD_WINDOW_S:
+            self._counts.popleft()
+
+    def projected_load(self) -> float:
+        """The model's busy share on finals if one more session were admitted (see module doc)."""
+        load = self.batcher.final_load()
+        self.metrics.final_load.set(load)
+        if load <= 0:
+            return load
+        avg = sum(n for _, n in self._counts) / len(self._counts) if self._counts else 0.0
+        # No settled session yet: the load seen so far is taken as one session's (cautious).
+        return load / max(avg, 1.0) * (self.sessions + 1)
 
     def capacity_refusal(self) -> Refusal | None:
         """Refusal for any newcomer because of load (full, or finals waiting too long)."""
         if self.sessions >= self.cfg.max_sessions:
             return Refusal(503, "full", f"server is at its session limit ({self.cfg.max_sessions})", 5)
+        limit = self.cfg.admission_max_model_load
+        if limit > 0:
+            projected = self.projected_load()
+            if projected > limit:
+                return Refusal(
+                    503, "capacity", f"the model is near capacity (projected {projected:.0%} busy on finals); "
+                    "try again shortly", 5,
+                )
         bound = self.cfg.admission_max_final_wait_s
         if bound > 0:
             wait = self.batcher.final_wait_s()
@@ -67,6 +105,7 @@ class Admission:
         if refusal is not None:
             return refusal
         self.sessions += 1
+        self._opened_at[key] = time.monotonic()
         self._address_of[key] = address
         self._per_address[address] += 1
         self.metrics.sessions_total.inc()
@@ -75,6 +114,7 @@ class Admission:
 
     def release(self, key: Hashable) -> None:
         address = self._address_of.pop(key, None)
+        self._opened_at.pop(key, None)
         if address is None:
             return
         self.sessions -= 1

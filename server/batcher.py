@@ -70,6 +70,10 @@ class ModelUnavailable(RuntimeError):
 
 # Final queue waits are summarised over this trailing window for admission control.
 _WAIT_WINDOW_S = 5.0
+# The model's busy time on finals is averaged over this trailing window (admission control).
+LOAD_WINDOW_S = 20.0
+# Partials' share of the model's time is measured over this trailing window (see _partial_overdue).
+_SHARE_WINDOW_S = 10.0
 
 
 @dataclass(eq=False)
@@ -135,10 +139,14 @@ class MicroBatcher:
         self.hung_reason: str | None = None
         self._final_waits: collections.deque[tuple[float, float]] = collections.deque()  # (when, wait)
         self._aged_partials_last = False
+        self._final_calls: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds)
+        self._partial_calls: collections.deque[tuple[float, float]] = collections.deque()
+        self._started_at = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._started_at = time.monotonic()
         self._running = True
         self._thread = threading.Thread(target=self._worker, name=f"batcher-{self.runner.name}", daemon=True)
         self._thread.start()
@@ -180,6 +188,9 @@ class MicroBatcher:
                     fut.set_exception(Overloaded("batcher queue full"))
                     return fut
                 replaced = self._partials.pop(session, None)
+                if replaced is not None:
+                    # The session has waited for a partial since the one replaced was queued.
+                    req.enqueued = replaced.enqueued
                 self._partials[session] = req
             else:
                 # Finals always queue: dropping one would lose a user's words. A partial still
@@ -263,6 +274,24 @@ class MicroBatcher:
         p90 = recent[min(len(recent) - 1, int(0.9 * len(recent)))] if recent else 0.0
         return max(oldest, p90)
 
+    def final_load(self, now: float | None = None) -> float:
+        """Share of the last `LOAD_WINDOW_S` seconds the model spent on calls of finals (0..1).
+        Finals are the work the server owes every admitted session; partials fill what is
+        left and thin out under load. Admission control projects this per session."""
+        now = time.monotonic() if now is None else now
+        with self._cond:
+            return self._busy_share(self._final_calls, now, LOAD_WINDOW_S)
+
+    def _busy_share(self, calls: collections.deque[tuple[float, float]], now: float, window: float) -> float:
+        """Share of the trailing ``window`` spent in these calls (lock held); trims old ones."""
+        span = min(window, now - self._started_at)
+        if span < 1.0:
+            return 0.0
+        while calls and calls[0][0] < now - LOAD_WINDOW_S:
+            calls.popleft()
+        busy = sum(max(0.0, min(seconds, end - (now - span))) for end, seconds in calls)
+        return min(1.0, busy / span)
+
     def _publish_depth(self) -> None:
         self.metrics.queue_depth.set(len(self._finals) + len(self._partials))
 
@@ -276,10 +305,16 @@ class MicroBatcher:
         return list(self._partials.values()) or list(self._finals)
 
     def _partial_overdue(self) -> bool:
+        """An overdue partial may go ahead of waiting finals, but only while partial calls
+        took less than `partial_max_share` of the model's recent time: under overload the
+        finals keep the rest, and partials come less often instead of not at all."""
         wait = self.config.partial_max_wait_ms / 1000.0
         if not wait or not self._partials or self._aged_partials_last:
             return False
-        return time.monotonic() - next(iter(self._partials.values())).enqueued > wait
+        now = time.monotonic()
+        if now - next(iter(self._partials.values())).enqueued <= wait:
+            return False
+        return self._busy_share(self._partial_calls, now, _SHARE_WINDOW_S) < self.config.partial_max_share
 
     def _ready_count(self) -> int:
         """Items that could go into the next batch right now (for the 'full batch' early wake)."""
@@ -469,7 +504,11 @@ class MicroBatcher:
             self._fail(batch, exc)
             return
         self._end_call(inflight.call_id, ok=True)
-        took = time.monotonic() - inflight.start
+        end = time.monotonic()
+        took = end - inflight.start
+        if batch:
+            with self._cond:
+                (self._final_calls if batch[0].kind is Kind.FINAL else self._partial_calls).append((end, took))
         audio_s = sum(r.seconds for r in batch)
         self.batches_run += 1
         self.metrics.batch_size.observe(len(batch))

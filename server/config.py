@@ -166,6 +166,11 @@ class BatcherConfig:
         1500, "Finals go first, but a partial that has waited this long gets the next batch: under "
         "load partials come less often instead of stopping (0 = finals always first).",
     )
+    partial_max_share: float = knob(
+        0.25, "While finals wait, overdue partials (see `partial_max_wait_ms`) run only while partial "
+        "calls took less than this share of the model's last 10 s: under overload finals keep the "
+        "rest, and every session's partials come less often.",
+    )
     watchdog_s: float = knob(
         60.0, "A model call running longer than this marks the model hung: /livez and /healthz turn "
         "503 (so an orchestrator restarts the process) and every waiting request fails with "
@@ -191,6 +196,12 @@ class ServerConfig:
     max_sessions_per_address: int = knob(
         0, "Concurrent sessions from one client IP address; the next handshake gets HTTP 429. "
         "0 = no limit (behind a reverse proxy every client shares the proxy's address).",
+    )
+    admission_max_model_load: float = knob(
+        0.7, "Capacity-aware admission, looking ahead: the model's share of the last 20 s spent on "
+        "finals, per open session (time-averaged), times the sessions one more admission would make; "
+        "above this (0..1) new sessions get HTTP 503 with Retry-After and /healthz `accepting: false`. "
+        "The rest of the model's time goes to partials, which thin out under load. 0 = off.",
     )
     admission_max_final_wait_s: float = knob(
         2.0, "Capacity-aware admission: while finals wait longer than this in the batcher (the "
@@ -365,6 +376,10 @@ def validate(cfg: Config) -> None:
         problems.append("server.tls_cert and server.tls_key must be given together")
     if cfg.server.max_text_message_bytes < 1024:
         problems.append("server.max_text_message_bytes must be >= 1024")
+    if not 0 <= cfg.batcher.partial_max_share <= 1:
+        problems.append("batcher.partial_max_share must be within 0..1")
+    if not 0 <= cfg.server.admission_max_model_load <= 1:
+        problems.append("server.admission_max_model_load must be within 0..1 (0 = off)")
     if cfg.server.shutdown_close_code not in (1001, 1012):
         problems.append("server.shutdown_close_code must be 1001 or 1012")
     if cfg.server.shutdown_timeout_s <= 0:

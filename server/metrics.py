@@ -69,6 +69,10 @@ class Metrics:
             "chorus_accepting_sessions", "1 while new sessions are admitted (ready, healthy, not full, finals not "
             "waiting too long, not draining).", registry=r,
         )
+        self.final_load = Gauge(
+            "chorus_model_final_load", "Share of the last 20 s the model spent on finals (what capacity-aware "
+            "admission projects per session).", registry=r,
+        )
         self.final_wait = Gauge(
             "chorus_final_wait_seconds", "How long finals wait for the model now (what capacity-aware admission reads).",
             registry=r,

@@ -380,3 +380,35 @@ def test_device_fault_is_reported_against_the_batch_in_flight():
     _, res = _pipeline(r, 3)
     assert res[0].text == "16000" and res[2].text == "16002", res
     assert isinstance(res[1], RuntimeError) and "illegal memory access" in str(res[1])
+
+
+def test_under_overload_partials_thin_out_but_do_not_stop():
+    """Finals always waiting (overload): strict finals-first would never run a partial again.
+    An overdue partial gets a batch, but partial calls stay within `partial_max_share` of the
+    model's time, so finals keep the rest."""
+    runner = RecordingRunner(delay=0.05)
+    b = make(runner, max_batch_size=1, partial_max_wait_ms=100, partial_max_share=0.25, batch_wait_ms=1.0)
+    ran: list[str] = []
+
+    async def main() -> None:
+        b.start(asyncio.get_running_loop())
+        b._started_at -= 10  # the share window is not cut short by a fresh start
+        try:
+            finals = [b.submit(audio(1.0), ItemOptions(), Kind.FINAL, f"f{i}") for i in range(60)]
+            for f in finals:
+                f.add_done_callback(lambda _f: ran.append("F"))
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline and not all(f.done() for f in finals):
+                for s in ("a", "b", "c"):  # each session keeps one partial pending
+                    p = b.submit(audio(1.5), ItemOptions(), Kind.PARTIAL, s)
+                    p.add_done_callback(lambda f: f.exception() is None and f.result() is not None and ran.append("P"))
+                await asyncio.sleep(0.02)
+            await asyncio.gather(*finals)
+        finally:
+            b.stop()
+
+    run(main())
+    during = ran[: len(ran) - ran[::-1].index("F")]  # up to the last final: finals were waiting
+    partials = during.count("P")
+    assert partials >= 2, f"partials stopped under overload: {''.join(during)}"
+    assert partials <= 0.4 * len(during), f"partials took more than their share: {''.join(during)}"

@@ -68,6 +68,18 @@ async def collect(ws, out: StreamLog, on_message=None) -> None:
     out.close_code = ws.close_code
 
 
+async def speak_and_stop(url: str, audio: np.ndarray, speed: float, timeout: float = 90) -> StreamLog:
+    """One session: 0.3 s of silence, the audio, 1 s of silence at `speed` x real time, then
+    `stop`; every message until the server closes."""
+    out = StreamLog()
+    async with connect(url + "?language=en", max_size=None) as ws:
+        reader = asyncio.create_task(collect(ws, out))
+        await send_paced(ws, np.concatenate([silence(0.3), audio, silence(1.0)]), 16000, 100, speed, encode=pcm16)
+        await ws.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(reader, timeout)
+    return out
+
+
 async def refused_status(url: str) -> tuple[int, Any, dict]:
     with pytest.raises(InvalidStatus) as info:
         async with connect(url):
@@ -294,17 +306,8 @@ def test_a_model_failing_every_call_turns_not_live_and_not_ready(whisper_runner,
         assert http_get(srv.app.port, "/livez")[0] == 200
         runner.fail_with = RuntimeError("CUDA error: an illegal memory access at /srv/secret/model.bin")
 
-        async def main() -> StreamLog:
-            out = StreamLog()
-            async with connect(srv.url + "?language=en", max_size=None) as ws:
-                reader = asyncio.create_task(collect(ws, out))
-                await send_paced(ws, np.concatenate([silence(0.3), JFK, silence(1.0)]), 16000, 100, 8.0, encode=pcm16)
-                await ws.send(json.dumps({"type": "stop"}))
-                await asyncio.wait_for(reader, 60)
-            return out
-
         with caplog.at_level(logging.ERROR):
-            out = asyncio.run(main())
+            out = asyncio.run(speak_and_stop(srv.url, JFK, 8.0, 60))
         live = http_get(srv.app.port, "/livez")
         ready = http_get(srv.app.port, "/healthz")
         refused = asyncio.run(refused_status(srv.url))
@@ -366,17 +369,8 @@ def test_out_of_memory_under_load_loses_no_final(whisper_runner):
     with ServerThread(cfg, runner) as srv:
         runner.oom_over = 1
 
-        async def client(audio: np.ndarray) -> StreamLog:
-            out = StreamLog()
-            async with connect(srv.url + "?language=en", max_size=None) as ws:
-                reader = asyncio.create_task(collect(ws, out))
-                await send_paced(ws, np.concatenate([silence(0.3), audio, silence(1.0)]), 16000, 100, 4.0, encode=pcm16)
-                await ws.send(json.dumps({"type": "stop"}))
-                await asyncio.wait_for(reader, 90)
-            return out
-
         async def main():
-            return await asyncio.gather(*(client(a) for a in clips))
+            return await asyncio.gather(*(speak_and_stop(srv.url, a, 4.0) for a in clips))
 
         logs = asyncio.run(main())
         splits = srv.metric("chorus_batch_splits_total")
@@ -396,17 +390,8 @@ def test_a_client_that_vanishes_mid_segment_costs_nobody_else(whisper_runner):
             await send_paced(ws, np.concatenate([silence(0.3), JFK[:50000]]), 16000, 100, 4.0, encode=pcm16)
             ws.transport.abort()
 
-        async def good() -> StreamLog:
-            out = StreamLog()
-            async with connect(srv.url + "?language=en", max_size=None) as ws:
-                reader = asyncio.create_task(collect(ws, out))
-                await send_paced(ws, np.concatenate([silence(0.3), JFK, silence(1.0)]), 16000, 100, 2.0, encode=pcm16)
-                await ws.send(json.dumps({"type": "stop"}))
-                await asyncio.wait_for(reader, 60)
-            return out
-
         async def main():
-            return (await asyncio.gather(vanisher(), good()))[1]
+            return (await asyncio.gather(vanisher(), speak_and_stop(srv.url, JFK, 2.0, 60)))[1]
 
         out = asyncio.run(main())
         for _ in range(50):
