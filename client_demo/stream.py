@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,13 +22,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client_demo.pacing import SendClock, send_paced  # noqa: E402
+from server.audio.resample import STANDARD_RATES, resample  # noqa: E402
 from server.audio.wavfile import read_wav  # noqa: E402
 
 
 async def run(args: argparse.Namespace) -> int:
     from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
 
     audio, rate = read_wav(args.file)
+    if rate not in STANDARD_RATES:  # the server takes the standard rates only
+        audio, rate = resample(audio, rate, 16000), 16000
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
     tty = sys.stdout.isatty()
     start = {"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", "language": args.language,
@@ -37,10 +42,17 @@ async def run(args: argparse.Namespace) -> int:
     clock = SendClock(rate)
     status = 0
     try:
-        async with connect(args.url, max_size=None) as ws:
+        headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
+        async with connect(args.url, max_size=None, additional_headers=headers) as ws:
             await ws.send(json.dumps(start))
 
             async def reader() -> None:
+                try:
+                    await read_all()
+                except ConnectionClosed:
+                    pass  # reported below, by the send or the wait that sees it
+
+            async def read_all() -> None:
                 nonlocal status
                 async for raw in ws:
                     m = json.loads(raw)
@@ -64,6 +76,24 @@ async def run(args: argparse.Namespace) -> int:
             await send_paced(ws, pcm, rate, args.chunk_ms, args.speed, clock=clock)
             await ws.send(json.dumps({"type": "stop"}))
             await asyncio.wait_for(rd, timeout=120)
+            if ws.close_code not in (None, 1000):
+                print(f"connection closed by the server: {ws.close_code} {ws.close_reason}", file=sys.stderr)
+                status = status or 1
+    except InvalidStatus as e:
+        # Refused before the upgrade (401 token, 403 Origin, 429/503 admission): say why, no traceback.
+        try:
+            why = json.loads(e.response.body or b"{}").get("message", "")
+        except ValueError:
+            why = ""
+        retry = e.response.headers.get("Retry-After")
+        print(f"refused by {args.url}: HTTP {e.response.status_code} {why}"
+              + (f" (retry after {retry} s)" if retry else ""), file=sys.stderr)
+        return 2
+    except ConnectionClosed as e:
+        # The server ended the session (a fatal error, its session limit, or a shutdown).
+        print(f"connection closed by the server: {e.rcvd.code if e.rcvd else 'no close frame'} "
+              f"{e.rcvd.reason if e.rcvd else ''}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"cannot connect to {args.url}: {e}", file=sys.stderr)
         return 2
@@ -79,6 +109,8 @@ def main() -> int:
     p.add_argument("--language", default="auto")
     p.add_argument("--no-interim", action="store_true", help="finals only")
     p.add_argument("--endpointing-ms", type=int)
+    p.add_argument("--token", default=os.environ.get("CHORUS_TOKEN"),
+                   help="auth token, sent as 'Authorization: Bearer' (default: $CHORUS_TOKEN)")
     return asyncio.run(run(p.parse_args()))
 
 
