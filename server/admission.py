@@ -65,7 +65,6 @@ class Admission:
     def projected_load(self) -> float:
         """The model's busy share on finals if one more session were admitted (see module doc)."""
         load = self.batcher.final_load()
-        self.metrics.final_load.set(load)
         if load <= 0:
             return load
         avg = sum(n for _, n in self._counts) / len(self._counts) if self._counts else 0.0
@@ -87,7 +86,6 @@ class Admission:
         bound = self.cfg.admission_max_final_wait_s
         if bound > 0:
             wait = self.batcher.final_wait_s()
-            self.metrics.final_wait.set(wait)
             if wait > bound:
                 return Refusal(
                     503, "capacity", f"the model is behind (finals wait {wait:.1f} s); try again shortly",

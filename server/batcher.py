@@ -130,8 +130,8 @@ class MicroBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seq = itertools.count()
         self.batches_run = 0
-        # Health, read by the event loop (see health()): calls started and not yet collected
-        # (id -> (start, requests)), whole-call failures in a row, and a hung verdict.
+        # Health, read by the event loop (broken_reason, check_watchdog): calls started and not
+        # yet collected (id -> (start, requests)), whole-call failures in a row, a hung verdict.
         self._calls: dict[int, tuple[float, list[Request]]] = {}
         self._call_ids = itertools.count()
         self.consecutive_failures = 0
@@ -470,9 +470,14 @@ class MicroBatcher:
             raise
 
     def _end_call(self, call_id: int, ok: bool = False) -> None:
+        """A watched call is over; a successful one also counts towards the busy shares."""
         with self._cond:
-            self._calls.pop(call_id, None)
+            started = self._calls.pop(call_id, None)
             if ok:
+                if started is not None and started[1]:
+                    end = time.monotonic()
+                    busy = self._final_calls if started[1][0].kind is Kind.FINAL else self._partial_calls
+                    busy.append((end, end - started[0]))
                 self.consecutive_failures = 0
                 if self.hung_reason is not None and not self._calls:
                     log.warning("model recovered: the call the watchdog flagged has returned")
@@ -504,11 +509,7 @@ class MicroBatcher:
             self._fail(batch, exc)
             return
         self._end_call(inflight.call_id, ok=True)
-        end = time.monotonic()
-        took = end - inflight.start
-        if batch:
-            with self._cond:
-                (self._final_calls if batch[0].kind is Kind.FINAL else self._partial_calls).append((end, took))
+        took = time.monotonic() - inflight.start
         audio_s = sum(r.seconds for r in batch)
         self.batches_run += 1
         self.metrics.batch_size.observe(len(batch))

@@ -120,8 +120,7 @@ class Session:
 
         The adapter awaits this before reading the next message, so a client that sends
         faster than real time is slowed by TCP flow control rather than by a growing queue."""
-        limit = self.config.server.max_pending_finals
-        while len(self._finals) >= limit and not self._closed:
+        while self.held_back:
             await asyncio.wait([self._finals[0].future])
             self._drain_finals()
 

@@ -173,10 +173,15 @@ class NativeConnection:
         if self._kicked:
             return _CLOSE_POLICY, _SLOW_CONSUMER
         if self.session is not None:
-            self._holding, self._stalls = True, self._stalls + 1
+            self._hold()
             await self.session.stop()
             self._send(native.done())
         return self._drain_code, "server shutting down"
+
+    def _hold(self) -> None:
+        """The server stops reading this socket for a while (see _keepalive)."""
+        self._holding = True
+        self._stalls += 1
 
     async def _keepalive(self) -> None:
         """Ping every `ping_interval_s`; a pong later than that closes the connection (1011),
@@ -241,7 +246,7 @@ class NativeConnection:
         ends = loop.time() + self.cfg.max_session_s if self.cfg.max_session_s > 0 else float("inf")
         while not self._kicked:
             if self.session is not None and self.session.held_back:
-                self._holding, self._stalls = True, self._stalls + 1
+                self._hold()
                 try:
                     await self.session.backpressure()
                 finally:
@@ -276,7 +281,7 @@ class NativeConnection:
         """`max_session_s` reached: deliver what was said, then close."""
         limit = self.cfg.max_session_s
         if self.session is not None:
-            self._holding, self._stalls = True, self._stalls + 1
+            self._hold()
             await self.session.stop()
         self.on_error("session_limit", f"sessions last at most {limit:g} s; reconnect to go on", True)
         return _CLOSE_POLICY, "session limit"
@@ -308,7 +313,7 @@ class NativeConnection:
             pass
         elif isinstance(msg, Stop):
             if self.session is not None:
-                self._holding, self._stalls = True, self._stalls + 1
+                self._hold()
                 await self.session.stop()
             self._send(native.done())
             return _CLOSE_NORMAL, "done"
