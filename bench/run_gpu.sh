@@ -42,9 +42,9 @@ else
     DEVICE_SETS=""
 fi
 if [ -n "${QUICK:-}" ]; then
-    SV_SCALE=tiny BATCHES=1,2 WBATCHES=1,2 REPEATS=1 RAMP=${RAMP:-2} DURATION=6 FUNASR=""
+    SV_SCALE=tiny BATCHES=1,2 WBATCHES=1,2 WDECODINGS=final REPEATS=1 RAMP=${RAMP:-2} DURATION=6 FUNASR=""
 else
-    SV_SCALE=full BATCHES=1,4,16,32 WBATCHES=1,8,32 REPEATS=5 RAMP=${RAMP:-100,200,400,800} DURATION=20
+    SV_SCALE=full BATCHES=1,4,16,32 WBATCHES=1,8,32 WDECODINGS=final,partial REPEATS=5 RAMP=${RAMP:-100,200,400,800} DURATION=20
     FUNASR=--funasr-baseline
 fi
 
@@ -69,7 +69,7 @@ for step in $STEPS; do
         "$PY" bench/runner_bench.py --runner sensevoice --sensevoice-random "$SV_SCALE" --device "$DEVICE" \
             --variants "$VARIANTS" --batches "$BATCHES" --seconds 5 --repeats "$REPEATS" $FUNASR --out "$OUT"
         "$PY" bench/runner_bench.py --runner whisper --device "$DEVICE" \
-            --variants "$VARIANTS" --batches "$WBATCHES" --seconds 5 --repeats "$REPEATS" --out "$OUT"
+            --variants "$VARIANTS" --batches "$WBATCHES" --decodings "$WDECODINGS" --seconds 5 --repeats "$REPEATS" --out "$OUT"
         ;;
     loadgen)
         # The target: p95 final latency <= 300 ms after end of speech, partials at

@@ -3,8 +3,8 @@
 Prints a markdown table and appends it (with the machine and command) to --out.
 Figures are measured side by side in one run; nothing here is an assertion.
 
-    # CPU, embedded Whisper
-    python bench/runner_bench.py --runner whisper --batches 1,8 --out docs/benchmarks.md
+    # CPU, embedded Whisper: finals (beam search, word timings) and partials (greedy) side by side
+    python bench/runner_bench.py --runner whisper --batches 1,8 --decodings final,greedy-final,partial --out docs/benchmarks.md
     # SenseVoiceSmall, full-size RANDOM weights (compute does not depend on weight values)
     python bench/runner_bench.py --runner sensevoice --sensevoice-random full --batches 1,8 --seconds 5
     # GPU: graphs and half precision side by side, plus what users run today (funasr)
@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.config import GraphConfig, RunnerConfig  # noqa: E402
+from server.config import GraphConfig, RunnerConfig, WhisperConfig  # noqa: E402
 from server.runners import ItemOptions, create_runner  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
@@ -89,6 +89,9 @@ def main() -> int:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--seconds", type=float, default=5.0, help="audio length per item")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--decodings", default="final",
+                   help="whisper, comma list: final (the configured beam search + fallback, with word timings), "
+                        "greedy-final (beam 1, with word timings), partial (greedy, no word timings)")
     p.add_argument("--funasr-baseline", action="store_true", help="also time funasr AutoModel.generate (sensevoice)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -110,21 +113,28 @@ def main() -> int:
             p.error("sensevoice needs --model DIR or --sensevoice-random")
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
+    decodings = args.decodings.split(",") if args.runner == "whisper" else ["final"]
     for variant in args.variants.split(","):
         mode, prec = variant.split("-")
         dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[prec]
-        cfg = RunnerConfig(name=args.runner, model=model, device=args.device, dtype=dtype,
-                           graphs=GraphConfig(enabled=(mode == "graphs"), batch_buckets=tuple(sorted({1, 2, 4, 8, 16, 32, *batches}))))
-        runner = create_runner(cfg, max_batch_size=max(batches))
-        runner.load()
-        for b in batches:
-            items = speech(args.seconds, b)
-            med, cpu = timed(lambda: runner.transcribe(items, [ItemOptions("en")] * b), sync, args.repeats)
-            launched = runner.launch(items, [ItemOptions("en")] * b)
-            launched.result()
-            rows.append((f"chorus {variant}", b, med, cpu, b * args.seconds, stage_text(launched.stages)))
-            print(f"{variant} batch {b}: {med * 1000:.1f} ms, RTFx {b * args.seconds / med:.1f}", flush=True)
-        runner.close()
+        for decoding in decodings:
+            whisper = WhisperConfig(beam_size=1) if decoding == "greedy-final" else WhisperConfig()
+            cfg = RunnerConfig(name=args.runner, model=model, device=args.device, dtype=dtype, whisper=whisper,
+                               graphs=GraphConfig(enabled=(mode == "graphs"), batch_buckets=tuple(sorted({1, 2, 4, 8, 16, 32, *batches}))))
+            options = ItemOptions("en", partial=True, words=False) if decoding == "partial" else ItemOptions("en")
+            label = f"chorus {variant}" + (f" {decoding}" if args.runner == "whisper" else "")
+            if decoding != "partial" and args.runner == "whisper":
+                label += f" (beam {whisper.beam_size}, words)"
+            runner = create_runner(cfg, max_batch_size=max(batches))
+            runner.load()
+            for b in batches:
+                items = speech(args.seconds, b)
+                med, cpu = timed(lambda: runner.transcribe(items, [options] * b), sync, args.repeats)
+                launched = runner.launch(items, [options] * b)
+                launched.result()
+                rows.append((label, b, med, cpu, b * args.seconds, stage_text(launched.stages)))
+                print(f"{label} batch {b}: {med * 1000:.1f} ms, RTFx {b * args.seconds / med:.1f}", flush=True)
+            runner.close()
     if args.funasr_baseline and args.runner == "sensevoice":
         from funasr import AutoModel
 

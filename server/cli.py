@@ -104,6 +104,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
                 "compute_s": round(took, 3),
                 "segments": [
                     {"start_ms": s, "text": r.text, "language": r.language,
+                     "words": [{"word": w.word, "start_ms": s + w.start_ms, "end_ms": s + w.end_ms} for w in r.words or ()],
                      **{k: v for k, v in r.fields.items() if isinstance(v, (str, int, float, bool))}}
                     for (s, _), r in zip(pieces, results)
                 ],
@@ -172,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(t)
     t.add_argument("files", nargs="+", type=Path)
     t.add_argument("--language", default="auto", help="language code or auto (default)")
-    t.add_argument("--json", action="store_true", help="one JSON object per file, with segments and model fields")
+    t.add_argument("--json", action="store_true", help="one JSON object per file, with segments, their words (times in ms from the file's start) and model fields")
     t.set_defaults(func=cmd_transcribe)
 
     s = sub.add_parser("serve", help="run the streaming server")

@@ -41,7 +41,8 @@ class WhisperConfig:
     )
     logprob_threshold: float = knob(
         -1.0, "See `no_speech_threshold`: the average log-probability below which a likely "
-        "no-speech segment is dropped.",
+        "no-speech segment is dropped; also the average below which a final is decoded again at "
+        "the next of `temperatures`.",
     )
     no_speech_hard_threshold: float = knob(
         0.9, "Above this no-speech probability a segment is empty however confident its text: "
@@ -52,7 +53,42 @@ class WhisperConfig:
     compression_ratio_threshold: float = knob(
         2.4, "A likely no-speech segment (see `no_speech_threshold`) whose text compresses better "
         "than this (gzip ratio; a repetition loop) is empty: loud noise makes Whisper loop on "
-        "invented phrases with high confidence.",
+        "invented phrases with high confidence. Above it a final is also decoded again at the next "
+        "of `temperatures`.",
+    )
+    beam_size: int = knob(
+        5, "Beam width for finals (and files): the search keeps this many hypotheses per item, "
+        "as openai-whisper and faster-whisper do by default. 1 = greedy decoding. Each beam is a "
+        "decoder row, so a final costs about this many times the decoder work of a greedy one "
+        "(the encoder is shared).",
+    )
+    partial_beam_size: int = knob(
+        1, "Beam width for partials. They are replaced by their segment's final, so the default "
+        "is greedy: cheaper, and partial work never crowds out finals.",
+    )
+    patience: float = knob(
+        1.0, "Beam search patience (arXiv:2204.05424, as in openai-whisper): a beam search ends "
+        "once round(beam_size * patience) hypotheses have ended, per item.",
+    )
+    length_penalty: float | None = knob(
+        None, "How ended hypotheses are ranked: None = sum of log-probabilities divided by the "
+        "length in tokens (openai-whisper's default); a number a = divided by ((5 + length) / 6) ** a "
+        "(Google NMT's penalty).",
+    )
+    temperatures: tuple[float, ...] = knob(
+        (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "Temperature fallback for finals: a segment is decoded at "
+        "the first temperature (0 = beam search, or greedy with beam_size 1); while its text "
+        "compresses better than `compression_ratio_threshold` (a repetition loop) or its average "
+        "log-probability is below `logprob_threshold`, it is decoded again at the next temperature "
+        "by sampling `best_of` candidates, unless it is likely silence (no-speech probability above "
+        "`no_speech_threshold`). When every temperature fails, the best attempt is kept (the "
+        "highest average log-probability among those that do not loop). `(0.0,)` turns fallback "
+        "off. Partials use only the first temperature.",
+    )
+    best_of: int = knob(5, "Candidates sampled per item at a fallback temperature above 0; the most likely is kept.")
+    sampling_seed: int = knob(
+        0, "Seed of the fallback sampler (one generator per runner), so a server's results can be "
+        "reproduced.",
     )
     max_new_tokens: int = knob(
         128, "Longest text, in tokens, decoded for one segment (a 30 s window holds at most "
@@ -386,6 +422,13 @@ def validate(cfg: Config) -> None:
         problems.append("server.shutdown_timeout_s must be > 0")
     if cfg.runner.whisper.eot_check_interval < 0:
         problems.append("runner.whisper.eot_check_interval must be >= 0 (0 = automatic)")
+    w = cfg.runner.whisper
+    if w.beam_size < 1 or w.partial_beam_size < 1 or w.best_of < 1:
+        problems.append("runner.whisper.beam_size, partial_beam_size and best_of must be >= 1")
+    if w.patience <= 0:
+        problems.append("runner.whisper.patience must be > 0")
+    if not w.temperatures or any(t < 0 for t in w.temperatures) or list(w.temperatures) != sorted(w.temperatures):
+        problems.append("runner.whisper.temperatures must be a non-empty ascending list of values >= 0")
     if cfg.batcher.max_batch_size < 1:
         problems.append("batcher.max_batch_size must be >= 1")
     if list(cfg.batcher.length_buckets_s) != sorted(cfg.batcher.length_buckets_s):

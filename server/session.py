@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 import uuid
@@ -31,7 +32,7 @@ from server.batcher import BatcherStopped, Kind, MicroBatcher, ModelUnavailable,
 from server.config import Config
 from server.metrics import Metrics
 from server.protocol.native import StreamConfig
-from server.runners.base import ItemError, ItemOptions, Transcript
+from server.runners.base import ItemError, ItemOptions, Transcript, Word
 from server.vad.endpointer import Endpointer, EndpointerSettings, SegmentEnded, SpeechStarted
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,23 @@ class SessionOutput(Protocol):
     """What a protocol adapter must implement to receive a session's results."""
 
     def on_speech_started(self, segment_id: int, start_ms: int) -> None: ...
-    def on_partial(self, segment_id: int, text: str, start_ms: int, end_ms: int, fields: dict[str, Any]) -> None: ...
-    def on_final(self, segment_id: int, text: str, start_ms: int, end_ms: int, cut_ms: int, fields: dict[str, Any]) -> None: ...
+    def on_partial(self, segment_id: int, text: str, start_ms: int, end_ms: int, fields: dict[str, Any],
+                   words: list[Word] | None = None) -> None: ...
+    def on_final(self, segment_id: int, text: str, start_ms: int, end_ms: int, cut_ms: int, fields: dict[str, Any],
+                 words: list[Word] | None = None) -> None: ...
     def on_error(self, code: str, message: str, fatal: bool) -> None: ...
+
+
+def stream_words(t: Transcript, segment_start_ms: int, segment_end_ms: int) -> list[Word] | None:
+    """The item's word timings on the stream's audio clock (the segment's audio begins at its
+    start_ms), kept inside the segment; None when the runner gave none."""
+    if t.words is None:
+        return None
+    out = []
+    for w in t.words:
+        start = min(segment_start_ms + max(w.start_ms, 0), segment_end_ms)
+        out.append(Word(w.word, start, min(max(segment_start_ms + w.end_ms, start), segment_end_ms)))
+    return out
 
 
 def result_fields(t: Transcript) -> dict[str, Any]:
@@ -79,6 +94,8 @@ class Session:
         self.output = output
         self.metrics = metrics
         self.options = ItemOptions(language=stream.language)
+        # Partials are decoded the cheap way (runner's choice) and carry words only if asked.
+        self.partial_options = dataclasses.replace(self.options, partial=True, words=stream.partial_words)
         settings = EndpointerSettings.from_config(config.vad, stream.endpointing_ms, stream.max_segment_ms)
         self.settings = settings
         self.endpointer = Endpointer(settings)
@@ -211,7 +228,8 @@ class Session:
                 continue
             t: Transcript = p.future.result()
             self.metrics.final_latency.observe(time.monotonic() - p.decided_at)
-            self.output.on_final(seg.segment_id, t.text, seg.start_ms, seg.end_ms, seg.cut_ms, result_fields(t))
+            self.output.on_final(seg.segment_id, t.text, seg.start_ms, seg.end_ms, seg.cut_ms, result_fields(t),
+                                 stream_words(t, seg.start_ms, seg.end_ms))
 
     # ------------------------------------------------------------------ partials
     def _maybe_request_partial(self) -> None:
@@ -233,7 +251,7 @@ class Session:
         requested = time.monotonic()
         audio = np.array(audio, copy=True)  # the endpointer keeps growing its buffer
         end_ms = start_ms + len(audio) * 1000 // 16000
-        fut = self.batcher.submit(audio, self.options, Kind.PARTIAL, self.id)
+        fut = self.batcher.submit(audio, self.partial_options, Kind.PARTIAL, self.id)
         self._partial_future = fut
         fut.add_done_callback(lambda f: self._on_partial(f, segment_id, start_ms, end_ms, seq, requested))
 
@@ -255,7 +273,8 @@ class Session:
             return
         self._last_partial_seq = seq
         self.metrics.partial_latency.observe(time.monotonic() - requested)
-        self.output.on_partial(segment_id, t.text, start_ms, end_ms, result_fields(t))
+        words = stream_words(t, start_ms, end_ms) if self.stream.partial_words else None
+        self.output.on_partial(segment_id, t.text, start_ms, end_ms, result_fields(t), words)
 
 
-__all__ = ["Session", "SessionOutput", "AudioFormatError", "result_fields"]
+__all__ = ["Session", "SessionOutput", "AudioFormatError", "result_fields", "stream_words"]

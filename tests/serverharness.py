@@ -141,3 +141,16 @@ async def stream_audio(
 
 def config_replace(cfg: Config, **sections: Any) -> Config:
     return dataclasses.replace(cfg, **sections)
+
+
+def check_words(result: dict) -> None:
+    """A result's words: on the stream's clock, inside the segment, in order, not overlapping,
+    and together they are the text."""
+    words = result["words"]
+    assert bool(words) == bool(result["text"]), result
+    prev = result["start_ms"]
+    for w in words:
+        assert set(w) == {"word", "start_ms", "end_ms"} and w["word"] == w["word"].strip() and w["word"], w
+        assert prev <= w["start_ms"] <= w["end_ms"] <= result["end_ms"], (w, result["start_ms"], result["end_ms"])
+        prev = w["end_ms"]
+    assert "".join(w["word"] for w in words).replace(" ", "") == result["text"].replace(" ", "")

@@ -153,8 +153,10 @@ def test_sensevoice_launch_copies_in_first_and_out_last_and_never_waits(sv_dir, 
 
 
 def test_whisper_launch_copies_in_before_its_first_kernel(whisper_meta, clips):
-    """Whisper's decoding is host-driven: its only reads are the end-of-text checks and the
-    two copies of the results; every host->device copy is queued before the encoder."""
+    """Whisper's decoding is host-driven: its only reads are the end-of-text checks and two
+    copies of the results (the search's, packed into one, and the per-item scalars); every
+    host->device copy is queued before the encoder. (A fallback round or the word alignment
+    would queue more work after these; on meta the text is empty and neither runs.)"""
     with DeviceAudit() as audit:
         whisper_meta.launch([clips[0][:48000], clips[1][:32000]], [ItemOptions("en"), ItemOptions("auto")])
     assert not audit.of("mixed"), audit.of("mixed")
@@ -272,14 +274,16 @@ def test_whisper_graph_path_on_a_stand_in_backend(whisper_runner, clips):
     cfg = dataclasses.replace(whisper_runner.config, warmup=False, graphs=GraphConfig(enabled=True, batch_buckets=(1, 2, 4, 8)))
     graphs = WhisperRunner(cfg, max_batch_size=2, graph_backend=sim)
     graphs.load()
-    assert graphs.steps is not None and graphs.steps.sizes == [1, 2]
+    assert sorted(graphs.steps) == [1, 5]  # greedy partials; beam finals and sampled fallbacks (best_of 5)
+    assert all(s.sizes == [1, 2] for s in graphs.steps.values())
     assert graphs.encoder_graphs is not None and graphs.encoder_graphs.stats["captured"] == [(2, 3000), (1, 3000)]
     assert all(c.inference_mode and not c.outputs_require_grad for c in sim.captures)
     items = [clips[0][:5 * 16000], clips[1][:4 * 16000]]
-    want = whisper_runner.transcribe(items, [ItemOptions("en")] * 2)
-    got = graphs.transcribe(items, [ItemOptions("en")] * 2)
-    assert [r.fields["tokens"] for r in got] == [r.fields["tokens"] for r in want]
-    assert graphs.steps.replays > 5
+    for opts in ([ItemOptions("en")] * 2, [ItemOptions("en", partial=True)] * 2):
+        want = whisper_runner.transcribe(items, opts)
+        got = graphs.transcribe(items, opts)
+        assert [r.fields["tokens"] for r in got] == [r.fields["tokens"] for r in want]
+    assert graphs.steps[1].replays > 5 and graphs.steps[5].replays > 5
 
 
 def test_whisper_decoder_buffers_are_charged_to_the_budget(whisper_runner):
@@ -292,6 +296,10 @@ def test_whisper_decoder_buffers_are_charged_to_the_budget(whisper_runner):
         per_row = all_steps.memory_bytes // 15  # 1+2+4+8 rows
         budget = per_row * 3 + per_row // 2  # room for buckets 1 and 2
         small = whisper_runner._make_steps(static=True, budget=budget)
+        beams = whisper_runner._make_steps(static=True, group=5)
+        assert beams is not None and beams.sizes == [1, 2, 4, 8]
+        # Each item holds 5 rows of self-attention cache but one row of cross K/V.
+        assert all_steps.memory_bytes < beams.memory_bytes < 5 * all_steps.memory_bytes
     finally:
         whisper_runner.max_batch_size = None
     assert small is not None and small.sizes == [1, 2] and small.dropped == [8, 4]

@@ -31,6 +31,7 @@ from server.audio.codecs import BYTES_PER_SAMPLE, ENCODINGS, AudioFormatError, d
 from server.audio.resample import STANDARD_RATES
 from server.audio.wavfile import MAX_RATE, MIN_RATE, load_audio_16k, read_wav
 from server.protocol import native
+from server.runners.base import Word
 from server.protocol.native import (
     CONFIG_KEYS, Finalize, KeepAlive, ProtocolError, Start, Stop, StreamConfig, build_config, parse_query,
     parse_text,
@@ -331,16 +332,24 @@ model_fields = st.dictionaries(st.sampled_from(["type", "text", "segment_id", "c
                                | st.integers(), model_values, max_size=8)
 
 
+word_lists = st.one_of(st.none(), st.lists(st.builds(Word, st.text(max_size=20), st.integers(0, 2 ** 40),
+                                                     st.integers(0, 2 ** 40)), max_size=5))
+
+
 @MEDIUM
 @given(st.integers(0, 2 ** 40), st.text(max_size=200), st.integers(0, 2 ** 40), st.integers(0, 2 ** 40),
-       model_fields, st.sampled_from(["partial", "final"]))
-def test_result_messages_are_json_with_core_keys_intact(segment_id, text, start_ms, end_ms, fields, kind):
-    out = (native.partial(segment_id, text, start_ms, end_ms, fields) if kind == "partial" else
-           native.final(segment_id, text, start_ms, end_ms, end_ms + 1, fields))
+       model_fields, st.sampled_from(["partial", "final"]), word_lists)
+def test_result_messages_are_json_with_core_keys_intact(segment_id, text, start_ms, end_ms, fields, kind, words):
+    out = (native.partial(segment_id, text, start_ms, end_ms, fields, words) if kind == "partial" else
+           native.final(segment_id, text, start_ms, end_ms, end_ms + 1, fields, words))
     out.encode("utf-8")
     msg = json.loads(out)  # strict JSON: no NaN/Infinity tokens
     assert msg["type"] == kind and msg["segment_id"] == segment_id and msg["text"] == text
     assert (msg["start_ms"], msg["end_ms"]) == (start_ms, end_ms)
+    want_words = [{"word": w.word, "start_ms": w.start_ms, "end_ms": w.end_ms} for w in words or ()]
+    if kind == "final" or words is not None:
+        assert msg.pop("words") == want_words
+    assert "words" not in msg
     for k, v in msg.items():
         assert v is None or isinstance(v, (str, int, float, bool)), (k, v)
         assert not isinstance(v, float) or math.isfinite(v)

@@ -248,7 +248,10 @@ def test_whisper_graphs_and_half_precision_keep_the_text():
     for dtype in ("float32", "float16", "bfloat16"):
         runner = _whisper(True, dtype)
         out = runner.transcribe(clips, [ItemOptions()] * len(clips))
-        assert runner.steps is not None and runner.steps.replays > 0  # decoder steps replayed
+        assert runner.steps[5].replays > 0  # the beam-search decoder steps were replayed
+        partials = runner.transcribe(clips, [ItemOptions(partial=True)] * len(clips))
+        assert runner.steps[1].replays > 0  # and the greedy ones
+        assert word_error_rate(refs, [h.text for h in partials]) <= base_wer + 0.03, dtype
         assert not [r for r in out if isinstance(r, ItemError)], dtype
         same_text = sum(1 for x, y in zip(eager, out) if x.text == y.text)
         assert same_text >= 5, (dtype, [(x.text, y.text) for x, y in zip(eager, out) if x.text != y.text])

@@ -8,6 +8,7 @@ import pytest
 
 from server.audio.codecs import ENCODINGS
 from server.audio.resample import STANDARD_RATES
+from server.runners.base import Word
 from server.protocol import native
 from server.protocol.native import (
     CONFIG_KEYS, PROTOCOL_VERSION, Finalize, KeepAlive, ProtocolError, Start, Stop, StreamConfig,
@@ -76,10 +77,11 @@ def test_start_with_unknown_field():
 
 def test_query_strings_round_trip():
     q = {"sample_rate": "8000", "encoding": "alaw", "language": "EN", "interim_results": "false",
-         "endpointing_ms": "300", "max_segment_ms": "15000", "token": "secret"}
+         "partial_words": "1", "endpointing_ms": "300", "max_segment_ms": "15000", "token": "secret"}
     fields = parse_query(q)
     assert "token" not in fields and set(fields) == set(CONFIG_KEYS)
-    assert build_config(fields) == StreamConfig(8000, "alaw", "en", False, 300, 15000)
+    assert build_config(fields) == StreamConfig(sample_rate=8000, encoding="alaw", language="en", interim_results=False,
+                                                partial_words=True, endpointing_ms=300, max_segment_ms=15000)
 
 
 def test_empty_query_means_no_config():
@@ -107,7 +109,7 @@ def test_defaults_and_default_language():
 @pytest.mark.parametrize("cfg", [
     StreamConfig(), StreamConfig(48000, "pcm_f32le", "fr", True, 100, 1000),
     StreamConfig(96000, "mulaw", "auto", False, 5000, 30000), StreamConfig(8000, "alaw", "en", True, None, None),
-    StreamConfig(44100, "pcm_s16le", "de", True, None, 1000),
+    StreamConfig(44100, "pcm_s16le", "de", True, None, 1000), StreamConfig(16000, "pcm_s16le", "en", True, None, None, True),
 ])
 def test_round_trip_of_valid_configs(cfg):
     # what a client sends in a start message (JSON types) comes back as the same config
@@ -294,19 +296,27 @@ def test_speech_started_partial_final():
     assert p == {"type": "partial", "segment_id": 3, "text": "hello wor", "start_ms": 1200, "end_ms": 2200,
                  "language": "en"}
     f = json.loads(native.final(3, "hello world", 1200, 2500, 3000,
-                                {"language": "en", "emotion": "NEUTRAL", "event": "Speech", "score": 0.5}))
+                                {"language": "en", "emotion": "NEUTRAL", "event": "Speech", "score": 0.5},
+                                [Word("hello", 1250, 1600), Word("world", 1640, 2400)]))
     assert f == {"type": "final", "segment_id": 3, "text": "hello world", "start_ms": 1200, "end_ms": 2500,
-                 "cut_ms": 3000, "language": "en", "emotion": "NEUTRAL", "event": "Speech", "score": 0.5}
+                 "cut_ms": 3000, "words": [{"word": "hello", "start_ms": 1250, "end_ms": 1600},
+                                           {"word": "world", "start_ms": 1640, "end_ms": 2400}],
+                 "language": "en", "emotion": "NEUTRAL", "event": "Speech", "score": 0.5}
+    # Partials carry words only when given (the client asked for them).
+    p = json.loads(native.partial(3, "hello", 1200, 1700, {}, [Word("hello", 1250, 1600)]))
+    assert p["words"] == [{"word": "hello", "start_ms": 1250, "end_ms": 1600}]
+    # A final always has the key, empty when there are no words.
+    assert json.loads(native.final(4, "", 0, 10, 10, {}))["words"] == []
 
 
 def test_extras_never_override_core_keys_and_only_scalars_pass():
     f = json.loads(native.final(1, "text", 10, 20, 30, {
         "type": "x", "text": "evil", "segment_id": 9, "cut_ms": 0, "start_ms": 0, "end_ms": 0,
-        "tokens": [1, 2, 3], "probs": {"a": 1}, "nan": float("nan"), "inf": float("inf"), "none": None,
+        "tokens": [1, 2, 3], "probs": {"a": 1}, "words": "evil", "nan": float("nan"), "inf": float("inf"), "none": None,
         "flag": True, 5: "int key",
     }))
     assert f == {"type": "final", "segment_id": 1, "text": "text", "start_ms": 10, "end_ms": 20, "cut_ms": 30,
-                 "none": None, "flag": True}
+                 "words": [], "none": None, "flag": True}
 
 
 def test_unicode_text_is_sent_as_is():

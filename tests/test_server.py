@@ -12,7 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from server.wer import normalize_text, word_error_rate
-from tests.serverharness import CLIPS, TRANSCRIPTS, ServerThread, read_clip, stream_audio, make_config
+from tests.serverharness import CLIPS, TRANSCRIPTS, ServerThread, check_words, read_clip, stream_audio, make_config
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,7 @@ def check_stream_invariants(log, audio_ms: int) -> None:
         assert 0 <= f["start_ms"] < f["end_ms"] <= f["cut_ms"] <= audio_ms + 50, f
         assert f["start_ms"] >= prev_end - 1, "segments overlap"
         prev_end = f["end_ms"]
+        check_words(f)
     # A partial never follows its segment's final.
     seen_final: set[int] = set()
     for m in log.messages:
@@ -49,6 +50,8 @@ def check_stream_invariants(log, audio_ms: int) -> None:
         elif m["type"] == "partial":
             assert m["segment_id"] not in seen_final, "partial after its final"
             assert m["start_ms"] <= m["end_ms"]
+            if "words" in m:
+                check_words(m)
     assert log.messages[-1]["type"] == "done", log.messages[-3:]
     assert log.close_code == 1000
 
@@ -90,6 +93,24 @@ def test_concurrent_clips_faster_than_real_time(srv):
     assert {"decode", "vad", "send", "features", "encoder", "decoder", "postprocess"} <= {k for k, v in stages.items() if v > 0}, stages
     lag_count = float(re.search(r"^chorus_event_loop_lag_seconds_count (\S+)$", text, re.M).group(1))
     assert lag_count > 0 and re.search(r"^process_cpu_seconds_total \S+$", text, re.M)
+
+
+def test_finals_carry_words_and_partials_only_when_asked(srv):
+    """Every final has word timings (checked by check_stream_invariants); partials have none by
+    default and get them with partial_words; the first word of the clip starts after the
+    leading silence, near where the endpointer heard speech begin."""
+    clip = read_clip(next(c for c in CLIPS if c.name == "jfk.wav"))
+
+    # One at a time, at real time: each session has the model to itself, so partials come.
+    plain = asyncio.run(stream_audio(srv.url, clip, speed=1.0, lead_silence_s=1.0))
+    asked = asyncio.run(stream_audio(srv.url, clip, speed=1.0, lead_silence_s=1.0, start={"partial_words": True}))
+    for log in (plain, asked):
+        check_stream_invariants(log, int((len(clip) / 16000 + 2.0) * 1000))
+        first = log.of("final")[0]["words"][0]
+        assert first["word"] == "And" and 1000 <= first["start_ms"] <= 1600, first
+    assert plain.of("partial") and not any("words" in p for p in plain.of("partial"))
+    assert asked.of("partial") and all("words" in p for p in asked.of("partial"))
+    assert any(p["words"] for p in asked.of("partial"))
 
 
 def test_disconnect_mid_segment_frees_resources_and_spares_others(srv):

@@ -159,16 +159,22 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
 
 def test_static_decoder_steps_equal_eager(whisper_runner, clips):
     """The static-buffer step path (what CUDA graphs replay on GPU) run eagerly on CPU gives
-    the same tokens as the plain decoder, for batches smaller than their bucket too."""
-    eager = whisper_runner.transcribe(clips[:3], [ItemOptions()] * 3)
-    whisper_runner.steps = whisper_runner._make_steps(static=True)
+    the same tokens as the plain decoder, for batches smaller than their bucket too, for the
+    greedy partials (1 row per item) and the beam-search finals (5 rows per item)."""
+    opts, partial = [ItemOptions()] * 3, [ItemOptions(partial=True)] * 3
+    eager = whisper_runner.transcribe(clips[:3], opts)
+    eager_partial = whisper_runner.transcribe(clips[:3], partial)
+    whisper_runner.steps = {g: whisper_runner._make_steps(static=True, group=g) for g in (1, 5)}
     try:
-        assert whisper_runner.steps is not None and whisper_runner.steps.replays == 0
-        static = whisper_runner.transcribe(clips[:3], [ItemOptions()] * 3)  # 3 rows in the bucket of 4
+        assert all(s is not None and s.replays == 0 for s in whisper_runner.steps.values())
+        assert whisper_runner.steps[5].bucket_for(3).tokens.shape[0] == 4 * 5  # 3 items in the bucket of 4
+        static = whisper_runner.transcribe(clips[:3], opts)
+        static_partial = whisper_runner.transcribe(clips[:3], partial)
         single = whisper_runner.transcribe(clips[:1], [ItemOptions()])
     finally:
-        whisper_runner.steps = None
+        whisper_runner.steps = {}
     assert [r.fields["tokens"] for r in static] == [r.fields["tokens"] for r in eager]
+    assert [r.fields["tokens"] for r in static_partial] == [r.fields["tokens"] for r in eager_partial]
     assert single[0].fields["tokens"] == eager[0].fields["tokens"]
 
 
@@ -185,4 +191,4 @@ def test_sparse_end_of_text_checks_give_identical_results(whisper_runner, clips)
     finally:
         whisper_runner.config = base
     assert [(r.text, r.fields) for r in sparse] == [(r.text, r.fields) for r in every_step]
-    assert set(launched.stages) == {"features", "encoder", "decoder", "postprocess"}
+    assert set(launched.stages) == {"features", "encoder", "decoder", "postprocess", "alignment"}

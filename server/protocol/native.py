@@ -16,13 +16,16 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Collection, Mapping
+from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 from server.audio.codecs import ENCODINGS
 from server.audio.resample import STANDARD_RATES
 
+if TYPE_CHECKING:
+    from server.runners.base import Word
+
 PROTOCOL_VERSION = 1
-CONFIG_KEYS = ("sample_rate", "encoding", "language", "interim_results", "endpointing_ms", "max_segment_ms")
+CONFIG_KEYS = ("sample_rate", "encoding", "language", "interim_results", "partial_words", "endpointing_ms", "max_segment_ms")
 # Query keys that are not stream config but are allowed in the URL (authentication proxies).
 _QUERY_PASSTHROUGH = ("token",)
 _LANGUAGE_RE = re.compile(r"[a-z-]{2,8}")
@@ -46,6 +49,7 @@ class StreamConfig:
     interim_results: bool = True  # send partials
     endpointing_ms: int | None = None  # trailing silence that ends a segment; None = server default
     max_segment_ms: int | None = None  # longest segment; None = server default
+    partial_words: bool = False  # word timings in partials too (finals always carry them)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,7 +132,7 @@ def parse_text(text: str) -> ClientMessage:
 def _check_json_type(key: str, value: Any) -> None:
     if key in ("encoding", "language"):
         ok = isinstance(value, str)
-    elif key == "interim_results":
+    elif key in ("interim_results", "partial_words"):
         ok = isinstance(value, bool)
     elif key in ("endpointing_ms", "max_segment_ms"):
         ok = value is None or _is_int(value)
@@ -136,7 +140,7 @@ def _check_json_type(key: str, value: Any) -> None:
         ok = _is_int(value)
     if not ok:
         want = {"encoding": "a string", "language": "a string", "interim_results": "true or false",
-                "sample_rate": "an integer"}.get(key, "an integer or null")
+                "partial_words": "true or false", "sample_rate": "an integer"}.get(key, "an integer or null")
         raise _bad_config(f"{key} must be {want}, got {_echo(value)}")
 
 
@@ -263,13 +267,14 @@ def build_config(
         raise _bad_config(f"language {_echo(given)} is not supported by this model; use one of: {_code_list(languages)}")
     out["language"] = lang
 
-    if "interim_results" in fields:
-        value = fields["interim_results"]
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            value = value.strip().lower() in _TRUE
-        if not isinstance(value, bool):
-            raise _bad_config(f"interim_results must be true or false, got {_echo(value)}")
-        out["interim_results"] = value
+    for key in ("interim_results", "partial_words"):
+        if key in fields:
+            value = fields[key]
+            if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+                value = value.strip().lower() in _TRUE
+            if not isinstance(value, bool):
+                raise _bad_config(f"{key} must be true or false, got {_echo(value)}")
+            out[key] = value
 
     endpointing = _int_field(fields, "endpointing_ms", 100, 5000)
     if endpointing is not None:
@@ -287,7 +292,7 @@ def _dumps(obj: Mapping[str, Any]) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-_CORE_KEYS = frozenset(("type", "segment_id", "text", "start_ms", "end_ms", "cut_ms"))
+_CORE_KEYS = frozenset(("type", "segment_id", "text", "start_ms", "end_ms", "cut_ms", "words"))
 
 
 def _extras(fields: Mapping) -> dict[str, Any]:
@@ -330,14 +335,25 @@ def speech_started(segment_id: int, start_ms: int) -> str:
     return _dumps({"type": "speech_started", "segment_id": segment_id, "start_ms": start_ms})
 
 
-def partial(segment_id: int, text: str, start_ms: int, end_ms: int, fields: Mapping) -> str:
-    core = {"type": "partial", "segment_id": segment_id, "text": text, "start_ms": start_ms, "end_ms": end_ms}
+def _words(words: "Sequence[Word] | None") -> list[dict[str, Any]]:
+    """Word timings, already on the stream's clock (the session puts them there)."""
+    return [{"word": w.word, "start_ms": w.start_ms, "end_ms": w.end_ms} for w in words or ()]
+
+
+def partial(segment_id: int, text: str, start_ms: int, end_ms: int, fields: Mapping,
+            words: "Sequence[Word] | None" = None) -> str:
+    """`words` only when the client asked for them in partials (`partial_words`)."""
+    core: dict[str, Any] = {"type": "partial", "segment_id": segment_id, "text": text, "start_ms": start_ms, "end_ms": end_ms}
+    if words is not None:
+        core["words"] = _words(words)
     return _dumps({**core, **_extras(fields)})
 
 
-def final(segment_id: int, text: str, start_ms: int, end_ms: int, cut_ms: int, fields: Mapping) -> str:
+def final(segment_id: int, text: str, start_ms: int, end_ms: int, cut_ms: int, fields: Mapping,
+          words: "Sequence[Word] | None" = None) -> str:
+    """Every final has `words` (an empty list for empty text or when the model gave none)."""
     core = {"type": "final", "segment_id": segment_id, "text": text, "start_ms": start_ms,
-            "end_ms": end_ms, "cut_ms": cut_ms}
+            "end_ms": end_ms, "cut_ms": cut_ms, "words": _words(words)}
     return _dumps({**core, **_extras(fields)})
 
 

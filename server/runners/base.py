@@ -27,6 +27,24 @@ class ItemOptions:
     """`auto` to detect, or an ISO-639-1 code such as `en`, `zh`."""
     itn: bool | None = None
     """Inverse text normalisation (SenseVoice); None = the runner's configured default."""
+    partial: bool = False
+    """The item is a partial (replaced later by its segment's final): runners may decode it
+    more cheaply (whisper: greedy instead of beam search)."""
+    words: bool = True
+    """Compute word (or token) timings for this item (Transcript.words)."""
+
+
+@dataclass(frozen=True)
+class Word:
+    """One word of a transcript and where it was spoken, in ms from the item's first sample.
+
+    `word` is written as in the text, without surrounding spaces; joined (with the spaces the
+    language writes) the words of a transcript give its text. For languages written without
+    spaces a "word" is a token (a character or a few)."""
+
+    word: str
+    start_ms: int
+    end_ms: int
 
 
 @dataclass
@@ -40,6 +58,9 @@ class Transcript:
     fields: dict[str, Any] = field(default_factory=dict)
     """Model-specific extras: whisper: no_speech_prob, avg_logprob, tokens;
     sensevoice: emotion, event, raw_text, tokens."""
+    words: list[Word] | None = None
+    """Word timings, monotonic and inside the item; None when not asked for
+    (ItemOptions.words False) or when the runner cannot give them; [] for empty text."""
 
 
 class RunnerError(RuntimeError):

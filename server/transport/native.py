@@ -26,6 +26,7 @@ from server.session import Session
 
 if TYPE_CHECKING:
     from server.app import ChorusServer
+    from server.runners.base import Word
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,13 @@ class NativeConnection:
     def on_speech_started(self, segment_id: int, start_ms: int) -> None:
         self._send(native.speech_started(segment_id, start_ms))
 
-    def on_partial(self, segment_id: int, text: str, start_ms: int, end_ms: int, fields: dict[str, Any]) -> None:
-        self._send(native.partial(segment_id, text, start_ms, end_ms, fields))
+    def on_partial(self, segment_id: int, text: str, start_ms: int, end_ms: int, fields: dict[str, Any],
+                   words: list[Word] | None = None) -> None:
+        self._send(native.partial(segment_id, text, start_ms, end_ms, fields, words))
 
-    def on_final(self, segment_id: int, text: str, start_ms: int, end_ms: int, cut_ms: int, fields: dict[str, Any]) -> None:
-        self._send(native.final(segment_id, text, start_ms, end_ms, cut_ms, fields))
+    def on_final(self, segment_id: int, text: str, start_ms: int, end_ms: int, cut_ms: int, fields: dict[str, Any],
+                 words: list[Word] | None = None) -> None:
+        self._send(native.final(segment_id, text, start_ms, end_ms, cut_ms, fields, words))
 
     def on_error(self, code: str, message: str, fatal: bool) -> None:
         self.app.metrics.errors.labels(code).inc()

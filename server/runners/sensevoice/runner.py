@@ -5,6 +5,12 @@ CMVN) runs there for all rows at once, SenseVoiceCore runs (bucketed / CUDA grap
 server.graphs), one device->host copy brings back argmax ids and lengths, and the CTC
 collapse and sentencepiece decoding happen on the CPU per row. `launch` queues all device
 work and returns; `Launched.result()` does the batch's single device sync and the host side.
+
+Word timings (ItemOptions.words): computed on the host from the per-frame argmax ids that the
+batch's one device->host copy already brings back (server.runners.sensevoice.timing): the CTC
+runs (where each token is the argmax) as a vectorised run-length encoding, then words from the
+pieces. That adds no device work, no copy and no sync; the device computes nothing extra.
+Resolution: one encoder frame, frame_shift_ms * lfr_n = 60 ms for SenseVoiceSmall.
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ import torch
 from server.config import RunnerConfig
 from server.features.fbank import BatchFrontend, FbankOptions, load_cmvn, pad_waveforms
 from server.graphs import BucketedRunner, BucketTable, GraphMode, InputSpec, buckets_up_to
-from server.runners.base import ItemError, ItemOptions, ItemResult, Launched, ModelRunner, RunnerError, Transcript
+from server.runners.base import (
+    ItemError, ItemOptions, ItemResult, Launched, ModelRunner, RunnerError, Transcript, Word,
+)
 from server.runners.device import (
     StageClock, device_facts, graph_backend_for, graph_budget_bytes, resolve_device, resolve_dtype,
 )
 from server.runners.sensevoice.core import NUM_QUERY_FRAMES, SenseVoiceCore
 from server.runners.sensevoice.model_dir import ModelFiles, resolve_model_dir
+from server.runners.sensevoice.timing import PieceTable, agrees, item_words
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +151,10 @@ class SenseVoiceRunner(ModelRunner):
         self.core: SenseVoiceCore | None = None
         self._forward: BucketedRunner | None = None
         self._sp: Any = None
+        self._pieces: PieceTable | None = None
+        self._frame_ms = 0.0
+        """Milliseconds per encoder output frame: fbank shift x LFR stride (the encoder keeps
+        the LFR rate: out_len = feat_len + NUM_QUERY_FRAMES)."""
         self._graph_mode = "eager"
         self._num_params = 0
 
@@ -159,8 +172,10 @@ class SenseVoiceRunner(ModelRunner):
             self._sp = spm.SentencePieceProcessor(model_file=str(files.bpe_model))
         except Exception as e:  # noqa: BLE001
             raise RunnerError(f"{files.bpe_model} is not a sentencepiece model: {e}") from None
+        self._pieces = PieceTable.from_sentencepiece(self._sp, _TAG)
 
         opts = FbankOptions.from_frontend_conf(files.config.get("frontend_conf") or {})
+        self._frame_ms = opts.frame_shift_ms * opts.lfr_n
         try:
             cmvn = load_cmvn(files.cmvn)
         except (OSError, ValueError) as e:
@@ -238,7 +253,8 @@ class SenseVoiceRunner(ModelRunner):
         self, audios: Sequence[np.ndarray], lang_ids: Sequence[int], textnorm_ids: Sequence[int], clock: StageClock
     ) -> Callable[[], list[tuple[np.ndarray, bool]]]:
         """Queue one batch on the device; the returned function waits for it (the batch's one
-        device sync) and gives, per item, the collapsed CTC token ids and whether the model's
+        device sync) and gives, per item, its per-frame CTC argmax ids over its valid output
+        frames (the NUM_QUERY_FRAMES query frames first, uncollapsed) and whether the model's
         scores were finite. Items must be at least one frame long.
 
         The host->device copies come first, from pinned memory on CUDA, and nothing between
@@ -274,14 +290,14 @@ class SenseVoiceRunner(ModelRunner):
             if done is not None:
                 done.synchronize()
             rows = host.numpy()
-            return [(ctc_collapse(row[: int(row[-2])]), bool(row[-1])) for row in rows]
+            return [(row[: int(row[-2])], bool(row[-1])) for row in rows]
 
         return wait
 
     def infer_ids(self, audios: Sequence[np.ndarray], lang_ids: Sequence[int], textnorm_ids: Sequence[int]) -> list[np.ndarray]:
         """Collapsed CTC token ids per item, synchronously (tests compare them with funasr's)."""
         rows = self._launch_ids(audios, lang_ids, textnorm_ids, StageClock(self.device or torch.device("cpu")))()
-        return [tokens for tokens, _ in rows]
+        return [ctc_collapse(frames) for frames, _ in rows]
 
     def transcribe(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[ItemResult]:
         return self.launch(audios, options).result()
@@ -297,7 +313,8 @@ class SenseVoiceRunner(ModelRunner):
         for i, (audio, option) in enumerate(zip(audios, options)):
             # A bad item gets its own error and never reaches the model with the others.
             error = self._item_error(audio, option)
-            results.append(error or Transcript(text="", language=None, fields={"emotion": None, "event": None, "raw_text": "", "tokens": []}))
+            results.append(error or Transcript(text="", language=None, fields={"emotion": None, "event": None, "raw_text": "", "tokens": []},
+                                               words=[] if option.words else None))
             # Shorter than one 25 ms frame: funasr would shrink the window; there is nothing to hear.
             if error is None and len(audio) >= min_samples:
                 live.append(i)
@@ -314,9 +331,9 @@ class SenseVoiceRunner(ModelRunner):
         def finish() -> list[ItemResult]:
             rows = wait()
             post_start = time.perf_counter()
-            for i, (tokens, finite) in zip(live, rows):
+            for i, (frames, finite) in zip(live, rows):
                 if finite:
-                    results[i] = self._to_transcript(tokens, options[i])
+                    results[i] = self._to_transcript(frames, options[i], len(audios[i]))
                 else:
                     results[i] = ItemError.non_finite(self.config.dtype)
             launched.stages = {**clock.stages(), "postprocess": time.perf_counter() - post_start}
@@ -325,10 +342,25 @@ class SenseVoiceRunner(ModelRunner):
         launched = Launched(finish)
         return launched
 
-    def _to_transcript(self, tokens: np.ndarray, option: ItemOptions) -> Transcript:
+    def _to_transcript(self, frames: np.ndarray, option: ItemOptions, num_samples: int) -> Transcript:
+        """One item's result from its per-frame argmax ids (query frames first)."""
+        words: list[Word] | None = None
+        if option.words:
+            assert self._pieces is not None
+            tokens, words = item_words(
+                frames, self._pieces, blank=BLANK_ID, frame_ms=self._frame_ms,
+                duration_ms=num_samples * 1000 // self.sample_rate, query_frames=NUM_QUERY_FRAMES,
+            )
+        else:
+            tokens = ctc_collapse(frames)
         token_list = tokens.tolist()
         raw = self._sp.decode(token_list)
         text, tags = parse_rich_text(raw)
+        if words is not None and not agrees(words, text):
+            # Text the pieces cannot reproduce (e.g. a "<|...|>" spelled by several pieces,
+            # which parse_rich_text removes): no timings rather than wrong ones.
+            log.debug("sensevoice: words %r do not spell the text %r; giving no timings", words, text)
+            words = [] if not text else None
         forced = option.language if option.language not in ("auto", "nospeech") else None
         detected = tags["language"] if tags["language"] != "nospeech" else None
         return Transcript(
@@ -336,6 +368,7 @@ class SenseVoiceRunner(ModelRunner):
             language=detected or forced,
             fields={"emotion": tags["emotion"], "event": tags["event"], "raw_text": raw, "tokens": token_list,
                     "nospeech": tags["language"] == "nospeech"},
+            words=words,
         )
 
     # ------------------------------------------------------------------ facts

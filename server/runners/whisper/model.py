@@ -4,7 +4,9 @@ Built for batched serving and, on GPU, for CUDA-graph capture:
 - the encoder is a pure function of a fixed-shape [B, 80, 3000] log-mel batch;
 - cross-attention keys/values are computed once per batch (`cross_kv`), not per step;
 - self-attention keys/values live in a static cache [layers, B, heads, max_len, d_head]
-  written in place (`index_copy_`), so a decode step changes no tensor shape.
+  written in place (`index_copy_`), so a decode step changes no tensor shape;
+- the beams (or samples) of one item are consecutive decoder rows that share the item's
+  cross-attention keys/values without copying them.
 The eager step attends over the filled prefix only (a slice whose length is a Python
 int), which is what a CPU wants; a captured step would attend over the full cache
 with a mask instead.
@@ -86,7 +88,18 @@ class DecoderBlock(nn.Module):
         b, s, d = x.shape
         x = x + self.self_out(a.transpose(1, 2).reshape(b, s, d))
         q = _heads(self.cross_q(self.cross_ln(x)), 1, self.heads)[0]
-        a = F.scaled_dot_product_attention(q, cross_k, cross_v)
+        n = cross_k.shape[0]
+        if n != b:
+            # g consecutive rows (an item's beams or samples) share the item's cross K/V: their
+            # queries attend as g*s positions of one row, so the K/V (1500 frames per layer,
+            # the bulk of a step's memory traffic) are read once per item, not once per row.
+            g = b // n
+            h, dh = q.shape[1], q.shape[3]
+            q = q.reshape(n, g, h, s, dh).transpose(1, 2).reshape(n, h, g * s, dh)
+            a = F.scaled_dot_product_attention(q, cross_k, cross_v)
+            a = a.reshape(n, h, g, s, dh).transpose(1, 2).reshape(b, h, s, dh)
+        else:
+            a = F.scaled_dot_product_attention(q, cross_k, cross_v)
         x = x + self.cross_out(a.transpose(1, 2).reshape(b, s, d))
         return x + self.fc2(F.gelu(self.fc1(self.mlp_ln(x))))
 
@@ -178,7 +191,9 @@ class Whisper(nn.Module):
         cache: torch.Tensor,
         cross: tuple[list[torch.Tensor], list[torch.Tensor]],
     ) -> torch.Tensor:
-        """tokens [B, S] at positions offset..offset+S-1 -> logits [B, S, vocab] (fp32)."""
+        """tokens [B, S] at positions offset..offset+S-1 -> logits [B, S, vocab] (fp32).
+
+        `cross` may hold B/g rows: then each g consecutive token rows share one cross row."""
         s = tokens.shape[1]
         x = self.tok_emb(tokens) + self.dec_pos[offset : offset + s]
         for i, blk in enumerate(self.dec_blocks):

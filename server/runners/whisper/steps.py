@@ -1,11 +1,13 @@
 """Whisper decoder steps through static per-batch-bucket buffers, replayed as CUDA graphs on GPU.
 
-Each batch bucket B owns static storage: the token column [B, 1], the position [1], the
-self-attention cache and the cross-attention keys/values. A batch of b <= B rows copies its
-cross K/V into the first b rows, runs the prompt eagerly into the first b rows of the cache,
-and then every greedy step writes the new tokens and position into the static inputs and
+Each batch bucket of B items owns static storage for B*g decoder rows, g being the rows per
+item of the search it serves (1 for greedy, the beam width for beam search, best_of for
+sampling): the token column [B*g, 1], the position [1], the self-attention cache [.., B*g, ..]
+and the cross-attention keys/values of B items (an item's g rows share them). A batch of
+b <= B items copies its cross K/V into the first b item slots, its prompt cache into the first
+b*g rows, and then every step writes the new tokens and position into the static inputs and
 replays the bucket's graph (`Whisper.decode_step_static`: no host sync, no shape change).
-Rows b..B hold stale data that no real row can see (each row attends only to itself).
+Rows beyond b*g hold stale data that no real row can see (each row attends only to itself).
 
 With no graph backend the same buffers are used and the static step is called eagerly: this
 is the CPU reference the tests compare with the plain eager decoder, and the GPU fallback.
@@ -44,8 +46,11 @@ class _Bucket:
 
 class StaticDecoderSteps:
     def __init__(self, model: Whisper, batch_buckets: Sequence[int], max_len: int, dtype: torch.dtype,
-                 device: torch.device, backend: GraphBackend | None, memory_budget_bytes: int = 0) -> None:
+                 device: torch.device, backend: GraphBackend | None, memory_budget_bytes: int = 0,
+                 group: int = 1) -> None:
         self.model = model
+        self.group = group
+        """Decoder rows per item (1 greedy, the beam width, or best_of)."""
         self.sizes = sorted(set(batch_buckets))
         self.max_len = max_len
         self.dtype = dtype
@@ -62,11 +67,12 @@ class StaticDecoderSteps:
         d = self.model.dims
         h, dh = d.n_heads, d.d_model // d.n_heads
         z = lambda: torch.zeros(size, h, d.n_audio_ctx, dh, dtype=self.dtype, device=self.device)  # noqa: E731
+        rows = size * self.group
         return _Bucket(
             size=size,
-            tokens=torch.zeros(size, 1, dtype=torch.long, device=self.device),
+            tokens=torch.zeros(rows, 1, dtype=torch.long, device=self.device),
             pos=torch.zeros(1, dtype=torch.long, device=self.device),
-            cache=self.model.new_cache(size, self.max_len, self.dtype, self.device),
+            cache=self.model.new_cache(rows, self.max_len, self.dtype, self.device),
             cross_k=[z() for _ in range(d.n_dec_layers)],
             cross_v=[z() for _ in range(d.n_dec_layers)],
         )
@@ -100,22 +106,23 @@ class StaticDecoderSteps:
             )
             self.sizes = sorted(self.buckets)
         if backend is not None:
-            log.info("whisper decoder: captured step graphs for batch buckets %s (%.1f MiB)",
-                     self.sizes, self.memory_bytes / 2**20)
+            log.info("whisper decoder (%d row(s) per item): captured step graphs for batch buckets %s (%.1f MiB)",
+                     self.group, self.sizes, self.memory_bytes / 2**20)
 
     def bucket_for(self, b: int) -> _Bucket | None:
         i = bisect.bisect_left(self.sizes, b)
         return self.buckets.get(self.sizes[i]) if i < len(self.sizes) else None
 
     def begin(self, bk: _Bucket, cross: tuple[list[torch.Tensor], list[torch.Tensor]], b: int) -> torch.Tensor:
-        """Load a batch's cross K/V; returns the cache view the eager prompt pass writes into."""
+        """Load a batch's cross K/V (b items); returns the cache view of its b*group rows, which
+        the caller fills with the prompt and reorders between beam steps."""
         for i in range(len(bk.cross_k)):
             bk.cross_k[i][:b].copy_(cross[0][i])
             bk.cross_v[i][:b].copy_(cross[1][i])
-        return bk.cache[:, :, :b]
+        return bk.cache[:, :, : b * self.group]
 
     def step(self, bk: _Bucket, tokens: torch.Tensor, offset: int) -> torch.Tensor:
-        """tokens [b] at position `offset` -> logits [b, vocab] (a view: consume before the next step)."""
+        """tokens [rows] at position `offset` -> logits [rows, vocab] (a view: consume before the next step)."""
         b = tokens.shape[0]
         bk.tokens[:b, 0].copy_(tokens)
         bk.pos.fill_(offset)
