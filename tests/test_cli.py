@@ -44,6 +44,13 @@ def test_transcribe_short_clip_and_long_file_at_another_rate(tmp_path):
     jfk, long = [json.loads(line) for line in r.stdout.strip().splitlines()]
     assert word_error_rate([TRANSCRIPTS["jfk.wav"]], [jfk["text"]]) <= 0.05, jfk["text"]
     assert len(long["segments"]) >= 2
+    # Word times are on the file's clock: ascending across segments, each inside its segment's audio.
+    words = [w for seg in long["segments"] for w in seg["words"]]
+    assert " ".join(w["word"] for w in words) == " ".join(seg["text"] for seg in long["segments"] if seg["text"])
+    assert all(a["end_ms"] <= b["start_ms"] for a, b in zip(words, words[1:]))
+    assert words[-1]["end_ms"] <= long["seconds"] * 1000
+    assert all(w["start_ms"] >= seg["start_ms"] for seg in long["segments"] for w in seg["words"])
+    assert any(seg["start_ms"] > 0 and seg["words"] for seg in long["segments"])  # offsets were added
     ref = " ".join(TRANSCRIPTS[n] for n in names)
     assert word_error_rate([ref], [long["text"]]) <= 0.05, long["text"]
 
