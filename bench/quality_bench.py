@@ -38,8 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.runner_bench import machine  # noqa: E402
-from server.audio.resample import StreamResampler  # noqa: E402
-from server.audio.wavfile import read_wav  # noqa: E402
+from server.audio.wavfile import load_audio_16k  # noqa: E402
 from server.config import RunnerConfig, WhisperConfig  # noqa: E402
 from server.runners import ItemOptions, create_runner  # noqa: E402
 from server.runners.whisper import assets  # noqa: E402
@@ -88,15 +87,10 @@ def normalize(text: str) -> str:
 
 
 def load(path: Path) -> np.ndarray:
-    """16 kHz float32 mono: WAV at any standard rate (resampled), or raw 16 kHz s16le."""
+    """16 kHz float32 mono: a WAV at any standard rate (resampled), or raw 16 kHz s16le."""
     if path.suffix == ".raw":
         return np.fromfile(path, "<i2").astype(np.float32) / 32768
-    audio, rate = read_wav(path)
-    audio = audio if audio.ndim == 1 else audio.mean(axis=1)
-    if rate != 16000:
-        rs = StreamResampler(rate, 16000)
-        audio = np.concatenate([rs.process(audio.astype(np.float32)), rs.flush()])
-    return audio.astype(np.float32)
+    return load_audio_16k(path)
 
 
 def sets(held_out: Path | None) -> dict[str, list[tuple[str, np.ndarray, str]]]:
