@@ -68,6 +68,20 @@ async def collect(ws, out: StreamLog, on_message=None) -> None:
     out.close_code = ws.close_code
 
 
+async def session_until_closed(url: str, send, timeout: float) -> StreamLog:
+    """One session: every message collected in the background while `send(ws)` runs (the
+    server may close the connection first), then every message until the server closes."""
+    out = StreamLog()
+    async with connect(url, max_size=None) as ws:
+        reader = asyncio.create_task(collect(ws, out))
+        try:
+            await send(ws)
+        except ConnectionClosed:
+            pass
+        await asyncio.wait_for(reader, timeout)
+    return out
+
+
 async def speak_and_stop(url: str, audio: np.ndarray, speed: float, timeout: float = 90) -> StreamLog:
     """One session: 0.3 s of silence, the audio, 1 s of silence at `speed` x real time, then
     `stop`; every message until the server closes."""
@@ -272,21 +286,13 @@ def test_keepalive_does_not_kill_a_client_the_server_is_holding_back(whisper_run
     with ServerThread(cfg, runner) as srv:
         runner.delay_s = 0.6
 
-        async def main() -> StreamLog:
-            out = StreamLog()
-            async with connect(srv.url + "?language=en", max_size=None) as ws:
-                reader = asyncio.create_task(collect(ws, out))
-                data = pcm16(audio)
-                try:
-                    for i in range(0, len(data), 640):  # 20 ms frames, no pacing at all
-                        await ws.send(data[i:i + 640])
-                    await ws.send(json.dumps({"type": "stop"}))
-                except ConnectionClosed:
-                    pass
-                await asyncio.wait_for(reader, 120)
-            return out
+        async def flood(ws) -> None:
+            data = pcm16(audio)
+            for i in range(0, len(data), 640):  # 20 ms frames, no pacing at all
+                await ws.send(data[i:i + 640])
+            await ws.send(json.dumps({"type": "stop"}))
 
-        out = asyncio.run(main())
+        out = asyncio.run(session_until_closed(srv.url + "?language=en", flood, 120))
     types = [m["type"] for m in out.messages]
     assert out.close_code == 1000, (out.close_code, types)
     assert types[-1] == "done", types
@@ -528,21 +534,14 @@ def test_keepalive_does_not_extend_a_session_past_max_session_s(whisper_runner):
     """A client that only sends keepalives is closed at max_session_s (1008, session_limit)."""
     cfg = make_config(**{"server.max_session_s": 1.5})
     with ServerThread(cfg, whisper_runner) as srv:
-        async def main() -> tuple[StreamLog, float]:
-            out = StreamLog()
-            t0 = time.monotonic()
-            async with connect(srv.url) as ws:
-                reader = asyncio.create_task(collect(ws, out))
-                try:
-                    for _ in range(100):
-                        await ws.send(json.dumps({"type": "keepalive"}))
-                        await asyncio.sleep(0.1)
-                except ConnectionClosed:
-                    pass
-                await asyncio.wait_for(reader, 10)
-            return out, time.monotonic() - t0
+        async def keepalives(ws) -> None:
+            for _ in range(100):
+                await ws.send(json.dumps({"type": "keepalive"}))
+                await asyncio.sleep(0.1)
 
-        out, took = asyncio.run(main())
+        t0 = time.monotonic()
+        out = asyncio.run(session_until_closed(srv.url, keepalives, 10))
+        took = time.monotonic() - t0
     assert out.close_code == 1008 and took < 5, (out.close_code, took)
     assert [e["code"] for e in out.of("error")] == ["session_limit"]
 
@@ -550,18 +549,10 @@ def test_keepalive_does_not_extend_a_session_past_max_session_s(whisper_runner):
 def test_session_limit_delivers_the_finals_first(whisper_runner):
     cfg = make_config(**{"server.max_session_s": 4.0, "batcher.partial_interval_ms": 0})
     with ServerThread(cfg, whisper_runner) as srv:
-        async def main() -> StreamLog:
-            out = StreamLog()
-            async with connect(srv.url + "?language=en", max_size=None) as ws:
-                reader = asyncio.create_task(collect(ws, out))
-                try:
-                    await send_paced(ws, np.concatenate([silence(0.3), JFK, silence(1.0)]), 16000, 100, 1.0, encode=pcm16)
-                except ConnectionClosed:
-                    pass
-                await asyncio.wait_for(reader, 30)
-            return out
+        async def speak(ws) -> None:
+            await send_paced(ws, np.concatenate([silence(0.3), JFK, silence(1.0)]), 16000, 100, 1.0, encode=pcm16)
 
-        out = asyncio.run(main())
+        out = asyncio.run(session_until_closed(srv.url + "?language=en", speak, 30))
     types = [m["type"] for m in out.messages]
     assert out.close_code == 1008 and types[-1] == "error" and out.messages[-1]["code"] == "session_limit", types
     assert out.of("speech_started") and lost_finals(out) == [], types
