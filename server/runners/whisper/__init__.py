@@ -79,7 +79,7 @@ class WhisperRunner(ModelRunner):
         self.encoder_graphs: BucketedRunner | None = None
         self.steps: dict[int, StaticDecoderSteps] = {}
         """Static-buffer decoder steps (graphs on GPU) per rows-per-item of the searches in use."""
-        self._generator: torch.Generator | None = None
+        self._generator: torch.Generator | None = None  # made at the first sampled fallback (see sampler())
         self._alignment_heads: list[tuple[int, int]] = []
 
     # ------------------------------------------------------------------ load
@@ -109,7 +109,6 @@ class WhisperRunner(ModelRunner):
                 self.steps[group] = steps
                 if budget:
                     budget = max(1, budget - steps.memory_bytes)
-        self._generator = None  # made at the first sampled fallback (a meta device has none)
         self._build_suppression()
         log.info("whisper loaded from %s on %s/%s in %.1f s", files.model_bin, self.device, self.dtype, time.monotonic() - t0)
         if self.config.warmup:
