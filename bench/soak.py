@@ -135,7 +135,8 @@ class ServerProcess:
                  env: dict[str, str] | None = None) -> None:
         self.env = {**os.environ, **(env or {})}
         self.argv = [sys.executable, "-m", "server", "serve", "--config", str(config),
-                     "--set", f"server.host={HOST}", "--set", "server.port=0"]
+                     "--set", f"server.host={HOST}", "--set", "server.port=0",
+                     "--set", "funasr.port=0"]  # no second listener on a fixed port
         for s in sets:
             self.argv += ["--set", s]
         self.term_timeout = term_timeout

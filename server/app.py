@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from websockets.asyncio.server import Server, serve
 
@@ -24,10 +24,11 @@ from server.batcher import MicroBatcher
 from server.config import Config, ConfigError
 from server.metrics import Metrics
 from server.runners import ModelRunner, create_runner
+from server.transport import funasr as funasr_transport
 from server.transport import native as native_transport
 from server.transport.access import AccessPolicy, ssl_context
-from server.transport.http import make_process_request
-from server.transport.native import NativeConnection
+from server.transport.http import make_funasr_process_request, make_process_request
+from server.transport.connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,13 @@ class ChorusServer:
         self.batcher = MicroBatcher(self.runner, config.batcher, self.metrics)
         self.admission = Admission(config.server, self.batcher, self.metrics)
         self.access = AccessPolicy.from_config(config.server, os.environ)
-        self.connections: set[NativeConnection] = set()
+        self.connections: set[Connection] = set()
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
         self.started_at = time.time()
         self._server: Server | None = None
+        self._funasr_server: Server | None = None
         self._load_task: asyncio.Task | None = None
         self._monitor_task: asyncio.Task | None = None
         self._stopped = False
@@ -139,6 +141,31 @@ class ChorusServer:
             compression=None,  # audio does not compress; deflate would only cost CPU
         )
         log.info("listening on %s://%s:%d/v1/stream", "wss" if tls else "ws", cfg.host, self.port)
+        if self.config.funasr.port:
+            try:
+                self._funasr_server = await serve(
+                    lambda ws: funasr_transport.handle(self, ws),
+                    cfg.host,
+                    self.config.funasr.port,
+                    process_request=make_funasr_process_request(self),
+                    ssl=tls,
+                    # FunASR clients ask for the `binary` subprotocol; those that ask for none are
+                    # served too (websockets refuses them when given a `subprotocols` list).
+                    select_subprotocol=_binary_if_asked,
+                    # An offline client may send a whole file in one message.
+                    max_size=self.config.funasr.max_file_bytes + 1024,
+                    max_queue=64,
+                    ping_interval=None,
+                    ping_timeout=None,
+                    compression=None,
+                )
+            except OSError as exc:
+                self._server.close()
+                raise ConfigError(
+                    f"the FunASR-compatible listener cannot open port {self.config.funasr.port} ({exc.strerror}); "
+                    "choose another with --funasr-port N, or turn it off with --funasr-port 0"
+                ) from exc
+            log.info("FunASR-compatible listener on %s://%s:%d", "wss" if tls else "ws", cfg.host, self.funasr_port)
         self._monitor_task = asyncio.create_task(self._monitor())
         self._load_task = asyncio.create_task(self._load_model())
         if wait_ready:
@@ -148,6 +175,13 @@ class ChorusServer:
     def port(self) -> int:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def funasr_port(self) -> int | None:
+        """The FunASR listener's port, or None when it is off."""
+        if self._funasr_server is None:
+            return None
+        return self._funasr_server.sockets[0].getsockname()[1]
 
     async def _load_model(self) -> None:
         loop = asyncio.get_running_loop()
@@ -221,10 +255,12 @@ class ChorusServer:
                 log.warning("%d session(s) not drained within the shutdown timeout; closing them", len(late))
         if self._monitor_task is not None:
             self._monitor_task.cancel()
-        if self._server is not None:
-            self._server.close(close_connections=True)
+        for listener in (self._server, self._funasr_server):
+            if listener is None:
+                continue
+            listener.close(close_connections=True)
             try:
-                await asyncio.wait_for(self._server.wait_closed(), left())
+                await asyncio.wait_for(listener.wait_closed(), left())
             except asyncio.TimeoutError:
                 log.warning("connections still open at the shutdown deadline")
         # Joining the worker thread blocks (up to the rest of the deadline): not on the loop.
@@ -253,6 +289,10 @@ class ChorusServer:
         log.info("shutting down: draining sessions (at most %g s)", self.config.server.shutdown_timeout_s)
         await self.stop()
         log.info("shut down")
+
+
+def _binary_if_asked(connection: Any, offered: Sequence[str]) -> str | None:
+    return "binary" if "binary" in offered else None
 
 
 def run(config: Config) -> None:

@@ -309,8 +309,30 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class FunasrListenerConfig:
+    port: int = knob(
+        10095, "Port of the FunASR-compatible WebSocket listener (FunASR's own default), on "
+        "`server.host`, with the same auth, Origin rules, TLS, limits and admission as the main "
+        "port. 0 turns it off. Any path is accepted there, and the `binary` subprotocol too.",
+    )
+    keep_sensevoice_tags: bool = knob(
+        True, "Keep SenseVoice's language, emotion and event tags at the start of each sentence's "
+        "`text`, as FunASR's own servers send them and its clients strip them (docs/funasr.md "
+        "shows the form). Whisper has no such tags.",
+    )
+    max_file_bytes: int = knob(
+        64 << 20, "Largest audio accepted in one binary message (an offline client may send a "
+        "whole file in one), and largest file a connection may send in offline mode with a "
+        "`wav_format` other than pcm (decoded when its `is_speaking: false` arrives). A larger "
+        "file gets a `file_too_large` error and is dropped; a message beyond it closes the "
+        "connection (1009).",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = knob(ServerConfig(), "Network listener and session limits.")
+    funasr: FunasrListenerConfig = knob(FunasrListenerConfig(), "The FunASR-compatible listener (docs/funasr.md).")
     vad: VadConfig = knob(VadConfig(), "Endpointing: how audio is cut into segments.")
     batcher: BatcherConfig = knob(BatcherConfig(), "Central micro-batcher.")
     runner: RunnerConfig = knob(RunnerConfig(), "The model.")
@@ -410,6 +432,12 @@ def validate(cfg: Config) -> None:
         problems.append("server.max_pending_finals must be >= 1")
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
         problems.append("server.tls_cert and server.tls_key must be given together")
+    if not 0 <= cfg.funasr.port <= 65535:
+        problems.append("funasr.port must be 0 (off) or a port number")
+    if cfg.funasr.port and cfg.funasr.port == cfg.server.port:
+        problems.append("funasr.port must differ from server.port (or be 0, off)")
+    if cfg.funasr.max_file_bytes < 1 << 16:
+        problems.append("funasr.max_file_bytes must be >= 65536")
     if cfg.server.max_text_message_bytes < 1024:
         problems.append("server.max_text_message_bytes must be >= 1024")
     if not 0 <= cfg.batcher.partial_max_share <= 1:

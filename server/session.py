@@ -31,8 +31,8 @@ from server import incidents
 from server.batcher import BatcherStopped, Kind, MicroBatcher, ModelUnavailable, Overloaded
 from server.config import Config
 from server.metrics import Metrics
-from server.protocol.native import StreamConfig
 from server.runners.base import ItemError, ItemOptions, Transcript, Word
+from server.stream_config import StreamConfig
 from server.vad.endpointer import Endpointer, EndpointerSettings, SegmentEnded, SpeechStarted
 
 log = logging.getLogger(__name__)
@@ -93,15 +93,16 @@ class Session:
         self.batcher = batcher
         self.output = output
         self.metrics = metrics
-        self.options = ItemOptions(language=stream.language)
+        self.options = ItemOptions(language=stream.language, itn=stream.itn)
         # Partials are decoded the cheap way (runner's choice) and carry words only if asked.
         self.partial_options = dataclasses.replace(self.options, partial=True, words=stream.partial_words)
         settings = EndpointerSettings.from_config(config.vad, stream.endpointing_ms, stream.max_segment_ms)
         self.settings = settings
         self.endpointer = Endpointer(settings)
         self.resampler = StreamResampler(stream.sample_rate, 16000) if stream.sample_rate != 16000 else None
-        interval = config.batcher.partial_interval_ms
-        self.partial_interval_ms = interval if (stream.interim_results and interval > 0) else 0
+        # A client may ask for partials less often than the server's cadence, never more often.
+        interval = max(config.batcher.partial_interval_ms, stream.partial_interval_ms or 0)
+        self.partial_interval_ms = interval if (stream.interim_results and config.batcher.partial_interval_ms > 0) else 0
         self._finals: collections.deque[_PendingFinal] = collections.deque()
         self._partial_future: asyncio.Future | None = None
         self._last_partial_request_ms = 0

@@ -42,7 +42,9 @@ def make_config(**overrides: Any) -> Config:
     # Capacity-aware admission off unless a test turns it on: tests stream many sessions faster
     # than real time on a shared 2-core machine, and one test's backlog must not refuse the next
     # test's clients (tests/test_reliability.py tests admission itself).
-    sets = {"server.port": "0", "server.admission_max_final_wait_s": "0", "server.admission_max_model_load": "0",
+    # The FunASR listener is off unless a test asks for it: its fixed default port (10095) would
+    # collide between servers (tests/test_funasr.py gives it a free port).
+    sets = {"server.port": "0", "funasr.port": "0", "server.admission_max_final_wait_s": "0", "server.admission_max_model_load": "0",
             **{k: str(v) for k, v in overrides.items()}}
     return load_config(Path(__file__).parent.parent / "configs" / "default.yaml", sets)
 

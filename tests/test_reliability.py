@@ -120,7 +120,7 @@ def test_sigterm_finalises_the_open_segment_and_delivers_every_final(tmp_path):
     errlog = open(tmp_path / "server.log", "w+")
     proc = subprocess.Popen(
         [str(chorus), "serve", "--config", str(ROOT / "configs" / "default.yaml"), "--port", str(port),
-         "--set", "server.shutdown_timeout_s=20"],
+         "--funasr-port", "0", "--set", "server.shutdown_timeout_s=20"],
         stdout=subprocess.DEVNULL, stderr=errlog,
     )
     try:

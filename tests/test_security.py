@@ -107,6 +107,9 @@ def test_token_in_header_or_query():
     for r in (
         req("/v1/stream", ("Authorization", f"Bearer {ENV_TOKEN}")),
         req("/v1/stream", ("Authorization", f"bearer   {ENV_TOKEN} ")),
+        # xiaozhi-esp32-server's form, sent to FunASR-compatible servers
+        req("/v1/stream", ("Authorization", f"Bearer; {ENV_TOKEN}")),
+        req("/v1/stream", ("Authorization", f"Bearer;{ENV_TOKEN}")),
         req(f"/v1/stream?token={ENV_TOKEN}"),
         req(f"/v1/stream?language=en&token={ENV_TOKEN}&sample_rate=16000"),
         req(f"/v1/stream?token=wrong&token={ENV_TOKEN}"),

@@ -3,14 +3,13 @@
 Client -> server text messages are parsed into small frozen objects (``Start``,
 ``Finalize``, ``KeepAlive``, ``Stop``); server -> client messages are built as compact
 JSON strings. Stream configuration arrives either as URL query parameters (strings)
-or in a ``start`` message (JSON-typed) and is validated into a ``StreamConfig`` by
-``build_config``. Every problem is a ``ProtocolError`` carrying the ``code`` the client
-sees; user docs: docs/protocol.md.
+or in a ``start`` message (JSON-typed) and is validated by ``build_config`` into the
+dialect-neutral ``server.stream_config.StreamConfig``. Every problem is a
+``ProtocolError`` carrying the ``code`` the client sees; user docs: docs/protocol.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import json
 import math
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 from server.audio.codecs import ENCODINGS
 from server.audio.resample import STANDARD_RATES
+from server.stream_config import StreamConfig
 
 if TYPE_CHECKING:
     from server.runners.base import Word
@@ -39,20 +39,6 @@ _ECHO_REPR_CHARS = 80
 _ECHO_KEYS = 4
 # Error messages list the supported language codes up to about this many characters.
 _LIST_CHARS = 700
-
-
-@dataclass(frozen=True)
-class StreamConfig:
-    sample_rate: int = 16000  # Hz of the audio the client sends, one of STANDARD_RATES; resampled to 16 kHz
-    encoding: str = "pcm_s16le"  # one of server.audio.codecs.ENCODINGS
-    language: str = "auto"  # "auto" or a language code
-    interim_results: bool = True  # send partials
-    endpointing_ms: int | None = None  # trailing silence that ends a segment; None = server default
-    max_segment_ms: int | None = None  # longest segment; None = server default
-    partial_words: bool = False  # word timings in partials too (finals always carry them)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class ProtocolError(Exception):
@@ -327,7 +313,8 @@ def ready(session_id: str, config: StreamConfig, model: Mapping) -> str:
         "session_id": session_id,
         "protocol_version": PROTOCOL_VERSION,
         "model": _plain(model),
-        "config": config.to_dict(),
+        # Only the settings this dialect has words for (StreamConfig also holds other dialects' knobs).
+        "config": {k: v for k, v in config.to_dict().items() if k in CONFIG_KEYS},
     })
 
 

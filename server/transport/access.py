@@ -214,12 +214,17 @@ class AccessPolicy:
                        "list it in server.allowed_origins")
 
 
+_BEARER_RE = re.compile(r"bearer(?:\s*;\s*|\s+)(\S.*)", re.IGNORECASE)
+
+
 def _presented_tokens(request: Request) -> list[str]:
     out = []
     for value in request.headers.get_all("Authorization"):
-        scheme, _, token = value.strip().partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            out.append(token.strip())
+        # `Bearer <token>`, and `Bearer; <token>` as some FunASR clients (xiaozhi-esp32-server)
+        # write it.
+        m = _BEARER_RE.fullmatch(value.strip())
+        if m:
+            out.append(m.group(1).strip())
     query = urlsplit(request.path).query
     out += [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "token" and v]
     return out
