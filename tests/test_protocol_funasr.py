@@ -15,11 +15,9 @@ code under test.
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 
-from server.protocol import funasr
 from server.protocol.funasr import (
     ClientMessage, FunasrError, FunasrSettings, OnlineText, end_ack, error, joiner, mode_label,
     parse_message, result, sensevoice_tags, stamp_sents, timestamp, units,

@@ -196,7 +196,7 @@ class FunasrConnection(Connection):
         for i in range(0, len(data), step):
             session.feed_audio(data[i:i + step])
             if session.held_back:
-                await session.backpressure()
+                await self.backpressure()  # marks the socket as held, so keepalive forgives a late pong
             else:
                 await asyncio.sleep(0)
 
