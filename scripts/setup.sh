@@ -41,9 +41,26 @@ else
 fi
 
 # Editable, so the tests and the server run the checkout's code.
-if ! "$VPY" -c 'import server, pytest, funasr, webrtcvad' 2>/dev/null || [ pyproject.toml -nt "$VENV/.chorus-installed" ]; then
+if ! "$VPY" -c 'import server, pytest, funasr, webrtcvad, playwright' 2>/dev/null || [ pyproject.toml -nt "$VENV/.chorus-installed" ]; then
     echo "setup: installing chorus and its dependencies (first time: a few minutes)"
     "$VPY" -m pip install -q -e ".[test]"
     touch "$VENV/.chorus-installed"
 fi
+# The browser test (tests/test_browser.py) drives Debian's Chromium with Playwright: Playwright's
+# own browser download (`playwright install`) comes from a CDN, the system package does not.
+# Setup never fails over it: without Chromium that one test file is skipped, loudly.
+CHROMIUM=${CHORUS_CHROMIUM:-$(command -v chromium || echo /usr/bin/chromium)}
+if [ -x "$CHROMIUM" ]; then
+    echo "setup: browser test uses $CHROMIUM"
+elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium for the browser test (tests/test_browser.py)"
+    if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }; then
+        echo "setup: *** WARNING: apt-get could not install chromium: tests/test_browser.py (the captioning page) will be SKIPPED ***" >&2
+    fi
+else
+    why="not running as root"
+    command -v apt-get >/dev/null 2>&1 || why="no apt-get on this system"
+    echo "setup: *** WARNING: chromium is not installed and setup cannot install it ($why): tests/test_browser.py (the captioning page) will be SKIPPED; install Chromium (Debian: sudo apt-get install chromium) or set CHORUS_CHROMIUM to its binary ***" >&2
+fi
+
 echo "setup: ready ($("$VPY" -c 'import torch, funasr; print("torch", torch.__version__, "funasr", funasr.__version__)' 2>/dev/null | tail -1))"

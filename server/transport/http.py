@@ -19,6 +19,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from server.admission import Refusal
+from server.transport.page import page_response
 
 if TYPE_CHECKING:
     from server.app import ChorusServer
@@ -58,6 +59,11 @@ def make_process_request(app: "ChorusServer") -> Callable:
             reason = app.liveness()
             return json_response(200 if reason is None else 503, "OK" if reason is None else "Service Unavailable",
                                  {"live": reason is None, "reason": reason})
+        # The captioning page is static and holds no secret: it asks for the token itself and
+        # sends it with its stream, where the check below applies.
+        page = page_response(path)
+        if page is not None:
+            return page
         denied = app.access.check(request, path, secure)
         if denied is not None:
             return denied
@@ -65,17 +71,37 @@ def make_process_request(app: "ChorusServer") -> Callable:
             return _response(200, "OK", app.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
         if path not in STREAM_PATHS:
             return json_response(404, "Not Found", {"error": "not_found", "message": "no such route; streams are at /v1/stream"})
-        if request.headers.get("Upgrade", "").lower() != "websocket":
-            return json_response(426, "Upgrade Required", {"error": "upgrade_required", "message": "connect with a WebSocket client"})
-        refusal = app.refusal() or app.admission.admit(connection, _address(connection))
-        if refusal is not None:
-            app.metrics.sessions_rejected.labels(refusal.reason).inc()
-            return refusal_response(refusal)
-        # The slot is this TCP connection's until it closes, whether or not the upgrade completes.
-        asyncio.get_running_loop().create_task(_release_when_closed(app, connection))
-        return None
+        return _admit(app, connection, request)
 
     return process_request
+
+
+def make_funasr_process_request(app: "ChorusServer") -> Callable:
+    """The FunASR listener's gate: FunASR clients connect to any path (usually `/`), so every
+    path is a stream; the same access rules and admission as the main port apply."""
+    secure = bool(app.config.server.tls_cert)
+
+    def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        denied = app.access.check(request, path, secure)
+        if denied is not None:
+            return denied
+        return _admit(app, connection, request)
+
+    return process_request
+
+
+def _admit(app: "ChorusServer", connection: ServerConnection, request: Request) -> Response | None:
+    """A stream handshake: refused (426/503/429) or admitted, its slot held until it closes."""
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return json_response(426, "Upgrade Required", {"error": "upgrade_required", "message": "connect with a WebSocket client"})
+    refusal = app.refusal() or app.admission.admit(connection, _address(connection))
+    if refusal is not None:
+        app.metrics.sessions_rejected.labels(refusal.reason).inc()
+        return refusal_response(refusal)
+    # The slot is this TCP connection's until it closes, whether or not the upgrade completes.
+    asyncio.get_running_loop().create_task(_release_when_closed(app, connection))
+    return None
 
 
 def _address(connection: ServerConnection) -> str:
