@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Collection
+
+# Error messages list the supported language codes up to about this many characters.
+_LIST_CHARS = 700
 
 
 @dataclass(frozen=True)
@@ -25,3 +29,18 @@ class StreamConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def language_list(codes: Collection[str]) -> str:
+    """The languages a model accepts, for a client's error message: "auto" first, then
+    sorted; bounded, whatever the model's list."""
+    ordered = (["auto"] if "auto" in codes else []) + sorted(c for c in codes if c != "auto")
+    shown: list[str] = []
+    used = 0
+    for code in ordered:
+        if used + len(code) + 2 > _LIST_CHARS:
+            shown.append(f"... ({len(ordered) - len(shown)} more)")
+            break
+        shown.append(code)
+        used += len(code) + 2
+    return ", ".join(shown)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 from server.audio.codecs import ENCODINGS
 from server.audio.resample import STANDARD_RATES
-from server.stream_config import StreamConfig
+from server.stream_config import StreamConfig, language_list
 
 if TYPE_CHECKING:
     from server.runners.base import Word
@@ -37,8 +37,6 @@ _ECHO_CHARS = 32
 _ECHO_REPR_CHARS = 80
 # Error messages name at most this many of the unknown fields/parameters a client gave.
 _ECHO_KEYS = 4
-# Error messages list the supported language codes up to about this many characters.
-_LIST_CHARS = 700
 
 
 class ProtocolError(Exception):
@@ -200,20 +198,6 @@ def _echo_keys(keys: list) -> str:
     return text if len(keys) <= len(shown) else f"{text} and {len(keys) - len(shown)} more"
 
 
-def _code_list(codes: Collection[str]) -> str:
-    """Supported language codes for an error message: "auto" first, then sorted; bounded."""
-    ordered = (["auto"] if "auto" in codes else []) + sorted(c for c in codes if c != "auto")
-    shown: list[str] = []
-    used = 0
-    for code in ordered:
-        if used + len(code) + 2 > _LIST_CHARS:
-            shown.append(f"... ({len(ordered) - len(shown)} more)")
-            break
-        shown.append(code)
-        used += len(code) + 2
-    return ", ".join(shown)
-
-
 def build_config(
     fields: Mapping,
     default_language: str = "auto",
@@ -245,12 +229,12 @@ def build_config(
         raise _bad_config(f"language must be \"auto\" or a language code such as \"en\", got {_echo(given)}")
     lang = given.strip().lower()
     if lang != "auto" and not _LANGUAGE_RE.fullmatch(lang):
-        supported = f"; this model supports: {_code_list(languages)}" if languages is not None else ""
+        supported = f"; this model supports: {language_list(languages)}" if languages is not None else ""
         raise _bad_config(
             f"language must be \"auto\" or a 2-8 letter code of a-z and '-' such as \"en\", got {_echo(given)}{supported}"
         )
     if languages is not None and lang not in languages:
-        raise _bad_config(f"language {_echo(given)} is not supported by this model; use one of: {_code_list(languages)}")
+        raise _bad_config(f"language {_echo(given)} is not supported by this model; use one of: {language_list(languages)}")
     out["language"] = lang
 
     for key in ("interim_results", "partial_words"):

@@ -29,9 +29,9 @@ from server.protocol import funasr
 from server.protocol.funasr import FunasrError, FunasrSettings, OnlineText
 from server.runners.base import Word
 from server.session import Session
-from server.stream_config import StreamConfig
+from server.stream_config import StreamConfig, language_list
 from server.transport import connection
-from server.transport.connection import CLOSE_NORMAL, CLOSE_POLICY, Close, Connection
+from server.transport.connection import CLOSE_POLICY, Close, Connection
 
 if TYPE_CHECKING:
     from server.app import ChorusServer
@@ -126,8 +126,8 @@ class FunasrConnection(Connection):
         language = settings.svs_lang or self.cfg.default_language.strip().lower()
         languages = self.app.runner.languages()
         if languages is not None and language not in languages:
-            codes = ", ".join((["auto"] if "auto" in languages else []) + sorted(c for c in languages if c != "auto"))
-            raise FunasrError("bad_config", f"svs_lang {language[:16]!r} is not supported by this model; use one of: {codes[:700]}")
+            raise FunasrError("bad_config", f"svs_lang {language[:16]!r} is not supported by this model; "
+                                            f"use one of: {language_list(languages)}")
         itn = settings.svs_itn if settings.svs_itn is not None else settings.itn
         return StreamConfig(
             sample_rate=settings.audio_fs if pcm else 16000,
@@ -272,4 +272,4 @@ async def handle(app: "ChorusServer", ws: ServerConnection) -> None:
     await connection.handle(app, ws, FunasrConnection(app, ws))
 
 
-__all__ = ["FunasrConnection", "handle", "CLOSE_NORMAL"]
+__all__ = ["FunasrConnection", "handle"]
