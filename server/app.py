@@ -21,11 +21,15 @@ from websockets.asyncio.server import Server, serve
 from server import __version__, incidents
 from server.admission import Admission, Refusal
 from server.batcher import MicroBatcher
+from server.calls.hub import CallHub
 from server.config import Config, ConfigError
 from server.metrics import Metrics
 from server.runners import ModelRunner, create_runner
+from server.transport import audiosocket as audiosocket_transport
+from server.transport import calls as calls_transport
 from server.transport import funasr as funasr_transport
 from server.transport import native as native_transport
+from server.transport import twilio as twilio_transport
 from server.transport.access import AccessPolicy, ssl_context
 from server.transport.http import make_funasr_process_request, make_process_request
 from server.transport.connection import Connection
@@ -43,13 +47,21 @@ class ChorusServer:
         self.batcher = MicroBatcher(self.runner, config.batcher, self.metrics)
         self.admission = Admission(config.server, self.batcher, self.metrics)
         self.access = AccessPolicy.from_config(config.server, os.environ)
+        self.calls = CallHub(config, self.metrics, _webhook(config, self.metrics))
+        # Twilio's handshakes are checked by their X-Twilio-Signature when this is set.
+        self.twilio_auth_token = twilio_transport.load_auth_token(config, os.environ) if config.twilio.enabled else None
+        # Everything stop() drains: WebSocket connections of every dialect and AudioSocket calls
+        # (anything with drain(close_code) and a `finished` future).
         self.connections: set[Connection] = set()
+        # Open /v1/calls subscriptions' `finished` futures: they close after the calls drain.
+        self.subscriptions: set[asyncio.Future] = set()
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
         self.started_at = time.time()
         self._server: Server | None = None
         self._funasr_server: Server | None = None
+        self._audiosocket_server: asyncio.AbstractServer | None = None
         self._load_task: asyncio.Task | None = None
         self._monitor_task: asyncio.Task | None = None
         self._stopped = False
@@ -113,20 +125,22 @@ class ChorusServer:
         """Raise ConfigError if ``server.default_language`` is not a language the loaded model
         accepts: every session that does not choose its own language would be refused."""
         supported = self.runner.languages()
-        value = self.config.server.default_language.strip().lower()
-        if supported is not None and value not in supported:
-            codes = (["auto"] if "auto" in supported else []) + sorted(c for c in supported if c != "auto")
-            raise ConfigError(
-                f"server.default_language is {self.config.server.default_language!r}, which the "
-                f"{self.runner.name} model does not support; set it to one of: {', '.join(codes)}"
-            )
+        for key, given in (("server.default_language", self.config.server.default_language),
+                           ("audiosocket.language", self.config.audiosocket.language)):
+            value = given.strip().lower()
+            if supported is not None and value not in supported:
+                codes = (["auto"] if "auto" in supported else []) + sorted(c for c in supported if c != "auto")
+                raise ConfigError(
+                    f"{key} is {given!r}, which the {self.runner.name} model does not support; "
+                    f"set it to one of: {', '.join(codes)}"
+                )
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, wait_ready: bool = True) -> None:
         cfg = self.config.server
         tls = ssl_context(cfg)
         self._server = await serve(
-            lambda ws: native_transport.handle(self, ws),
+            self._route,
             cfg.host,
             cfg.port,
             process_request=make_process_request(self),
@@ -166,6 +180,18 @@ class ChorusServer:
                     "choose another with --funasr-port N, or turn it off with --funasr-port 0"
                 ) from exc
             log.info("FunASR-compatible listener on %s://%s:%d", "wss" if tls else "ws", cfg.host, self.funasr_port)
+        if self.config.audiosocket.port:
+            try:
+                self._audiosocket_server = await audiosocket_transport.serve(self)
+            except OSError as exc:
+                for listener in (self._server, self._funasr_server):
+                    if listener is not None:
+                        listener.close()
+                raise ConfigError(
+                    f"the AudioSocket listener cannot open port {self.config.audiosocket.port} ({exc.strerror}); "
+                    "choose another with --audiosocket-port N"
+                ) from exc
+            log.info("AudioSocket listener on tcp://%s:%d", cfg.host, self.audiosocket_port)
         self._monitor_task = asyncio.create_task(self._monitor())
         self._load_task = asyncio.create_task(self._load_model())
         if wait_ready:
@@ -182,6 +208,23 @@ class ChorusServer:
         if self._funasr_server is None:
             return None
         return self._funasr_server.sockets[0].getsockname()[1]
+
+    @property
+    def audiosocket_port(self) -> int | None:
+        """The AudioSocket listener's port, or None when it is off."""
+        if self._audiosocket_server is None:
+            return None
+        return self._audiosocket_server.sockets[0].getsockname()[1]
+
+    async def _route(self, ws: Any) -> None:
+        """websockets' handler on the main port; process_request already admitted the path."""
+        path = ws.request.path.split("?", 1)[0]
+        if path == twilio_transport.PATH:
+            await twilio_transport.handle(self, ws)
+        elif path == calls_transport.PATH:
+            await calls_transport.handle(self, ws)
+        else:
+            await native_transport.handle(self, ws)
 
     async def _load_model(self) -> None:
         loop = asyncio.get_running_loop()
@@ -245,6 +288,8 @@ class ChorusServer:
         left = lambda: max(0.1, deadline - loop.time())  # noqa: E731
         self.draining = True
         self.metrics.accepting.set(0)
+        if self._audiosocket_server is not None:
+            self._audiosocket_server.close()  # no new calls; open ones drain below
         conns = list(self.connections)
         if conns:
             log.info("draining %d session(s)", len(conns))
@@ -253,6 +298,11 @@ class ChorusServer:
             _, late = await asyncio.wait([c.finished for c in conns], timeout=left())
             if late:
                 log.warning("%d session(s) not drained within the shutdown timeout; closing them", len(late))
+        # Every call has ended (its finals published): subscribers get the rest of their events
+        # and close; the webhook delivers what it holds, within the deadline.
+        await self.calls.close(left())
+        if self.subscriptions:
+            await asyncio.wait(list(self.subscriptions), timeout=left())
         if self._monitor_task is not None:
             self._monitor_task.cancel()
         for listener in (self._server, self._funasr_server):
@@ -289,6 +339,15 @@ class ChorusServer:
         log.info("shutting down: draining sessions (at most %g s)", self.config.server.shutdown_timeout_s)
         await self.stop()
         log.info("shut down")
+
+
+def _webhook(config: Config, metrics: Metrics) -> Any:
+    """The webhook sink, or None when no webhook is configured (aiohttp is imported only then)."""
+    if not config.webhook.url:
+        return None
+    from server.calls.webhook import WebhookSender
+
+    return WebhookSender.from_config(config, metrics, os.environ)
 
 
 def _binary_if_asked(connection: Any, offered: Sequence[str]) -> str | None:

@@ -28,7 +28,8 @@ def _parse_sets(items: Sequence[str]) -> dict[str, str]:
 def _config(args: argparse.Namespace) -> Config:
     overrides = _parse_sets(args.set or [])
     for flag, key in (("host", "server.host"), ("port", "server.port"), ("device", "runner.device"), ("model", "runner.model"),
-                      ("tls_cert", "server.tls_cert"), ("tls_key", "server.tls_key"), ("funasr_port", "funasr.port")):
+                      ("tls_cert", "server.tls_cert"), ("tls_key", "server.tls_key"), ("funasr_port", "funasr.port"),
+                      ("audiosocket_port", "audiosocket.port"), ("webhook_url", "webhook.url")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = str(value)
@@ -182,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument("--funasr-port", type=int, metavar="N",
                    help="port of the FunASR-compatible listener (default 10095; 0 turns it off; shortcut for --set funasr.port=N)")
+    s.add_argument("--audiosocket-port", type=int, metavar="PORT",
+                   help="TCP port of the Asterisk AudioSocket listener (default off; shortcut for --set audiosocket.port=PORT)")
+    s.add_argument("--webhook-url", metavar="URL",
+                   help="POST every call's events here (shortcut for --set webhook.url=URL; signing secret in CHORUS_WEBHOOK_SECRET)")
     s.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (chain): serve wss:// and https:// (shortcut for --set server.tls_cert=...)")
     s.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert (shortcut for --set server.tls_key=...)")
     s.set_defaults(func=cmd_serve)

@@ -9,6 +9,7 @@ back to a default on a production box).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -330,9 +331,91 @@ class FunasrListenerConfig:
 
 
 @dataclass(frozen=True)
+class TwilioConfig:
+    enabled: bool = knob(
+        True, "Serve Twilio Media Streams at `/v1/twilio` on the main port (docs/telephony.md). Each "
+        "stream is one call (`callSid`); each of its tracks (inbound, outbound) is one speaker's session.",
+    )
+    auth_token_file: str = knob(
+        "", "A file holding your Twilio Auth Token (also the `CHORUS_TWILIO_AUTH_TOKEN` environment "
+        "variable). With one set, every `/v1/twilio` handshake must carry a valid `X-Twilio-Signature` "
+        "(HTTP 403 otherwise) and needs no Chorus token: Twilio cannot send one (no headers, no query "
+        "string). Without one, `/v1/twilio` follows `server.auth_tokens_file` like every other route.",
+    )
+    public_url: str = knob(
+        "", "The stream URL exactly as written in your TwiML (e.g. `wss://asr.example.com/v1/twilio`), "
+        "which is what Twilio signs. Empty: `wss://` + the request's Host header + `/v1/twilio`, right "
+        "unless a proxy rewrites the Host.",
+    )
+
+
+@dataclass(frozen=True)
+class AudioSocketConfig:
+    port: int = knob(
+        0, "TCP port of the Asterisk AudioSocket listener, on `server.host` (docs/telephony.md); 0 = off. "
+        "AudioSocket has no authentication: bind it where only your Asterisk can reach it.",
+    )
+    language: str = knob(
+        "auto", "Language of AudioSocket calls (the protocol carries no options): `auto` or a code the "
+        "model supports (checked when the model has loaded).",
+    )
+
+
+@dataclass(frozen=True)
+class CallsConfig:
+    history_events: int = knob(
+        2000, "Events kept per call (everything but partials) for subscribers that connect after the "
+        "call started: `/v1/calls?call_id=ID` first replays them, then follows the call live.",
+    )
+    retain_s: float = knob(
+        300.0, "How long an ended call's events stay available to new subscribers.",
+    )
+    max_subscribers: int = knob(
+        64, "Concurrent `/v1/calls` subscriptions; the next handshake gets HTTP 503.",
+    )
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    url: str = knob(
+        "", "Where every call's events are POSTed as JSON, one event per request, in order per call "
+        "(`chorus serve --webhook-url URL`); empty = off. docs/telephony.md has the body and headers.",
+    )
+    secret_file: str = knob(
+        "", "A file holding the webhook signing secret (also the `CHORUS_WEBHOOK_SECRET` environment "
+        "variable). Each request carries `X-Chorus-Signature: sha256=<hex HMAC-SHA256 of the raw body>`. "
+        "Without a secret requests are sent unsigned (and a warning is logged at startup).",
+    )
+    partials: bool = knob(
+        False, "Also POST `partial` events (finals and every other event type always go).",
+    )
+    timeout_s: float = knob(10.0, "Time allowed for one POST, connection included.")
+    max_attempts: int = knob(
+        8, "Tries per event: a connection error, a timeout, 408, 429 or a 5xx is retried after a "
+        "backoff (`Retry-After` is honoured, up to `max_backoff_s`); any other 4xx is not. An event not "
+        "delivered after them is logged and counted (`chorus_webhook_events_total{outcome=\"failed\"}`), "
+        "and the call's later events go on.",
+    )
+    backoff_s: float = knob(0.5, "Wait before the first retry; it doubles on every further retry.")
+    max_backoff_s: float = knob(30.0, "Longest wait between two tries of one event.")
+    max_pending_events: int = knob(
+        1000, "Events of one call waiting for delivery; past it the oldest partial is dropped, or, if "
+        "none waits, the oldest event (logged and counted as `dropped`). Recognition never waits for "
+        "the webhook.",
+    )
+    max_concurrency: int = knob(
+        32, "Requests in flight at once, over all calls (one per call at a time, to keep its order).",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = knob(ServerConfig(), "Network listener and session limits.")
     funasr: FunasrListenerConfig = knob(FunasrListenerConfig(), "The FunASR-compatible listener (docs/funasr.md).")
+    twilio: TwilioConfig = knob(TwilioConfig(), "Twilio Media Streams (docs/telephony.md).")
+    audiosocket: AudioSocketConfig = knob(AudioSocketConfig(), "The Asterisk AudioSocket listener (docs/telephony.md).")
+    calls: CallsConfig = knob(CallsConfig(), "Call transcripts for live subscribers (`/v1/calls`, docs/telephony.md).")
+    webhook: WebhookConfig = knob(WebhookConfig(), "Call transcripts POSTed to your application (docs/telephony.md).")
     vad: VadConfig = knob(VadConfig(), "Endpointing: how audio is cut into segments.")
     batcher: BatcherConfig = knob(BatcherConfig(), "Central micro-batcher.")
     runner: RunnerConfig = knob(RunnerConfig(), "The model.")
@@ -438,6 +521,18 @@ def validate(cfg: Config) -> None:
         problems.append("funasr.port must differ from server.port (or be 0, off)")
     if cfg.funasr.max_file_bytes < 1 << 16:
         problems.append("funasr.max_file_bytes must be >= 65536")
+    if not 0 <= cfg.audiosocket.port <= 65535:
+        problems.append("audiosocket.port must be 0 (off) or a port number")
+    if cfg.audiosocket.port and cfg.audiosocket.port in (cfg.server.port, cfg.funasr.port):
+        problems.append("audiosocket.port must differ from server.port and funasr.port (or be 0, off)")
+    if cfg.webhook.url and not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", cfg.webhook.url):
+        problems.append("webhook.url must be an http:// or https:// URL")
+    if cfg.webhook.max_attempts < 1 or cfg.webhook.max_pending_events < 1 or cfg.webhook.max_concurrency < 1:
+        problems.append("webhook.max_attempts, max_pending_events and max_concurrency must be >= 1")
+    if cfg.webhook.timeout_s <= 0 or cfg.webhook.backoff_s < 0 or cfg.webhook.max_backoff_s < cfg.webhook.backoff_s:
+        problems.append("webhook.timeout_s must be > 0 and 0 <= webhook.backoff_s <= webhook.max_backoff_s")
+    if cfg.calls.history_events < 0 or cfg.calls.retain_s < 0 or cfg.calls.max_subscribers < 0:
+        problems.append("calls.history_events, retain_s and max_subscribers must be >= 0")
     if cfg.server.max_text_message_bytes < 1024:
         problems.append("server.max_text_message_bytes must be >= 1024")
     if not 0 <= cfg.batcher.partial_max_share <= 1:

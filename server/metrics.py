@@ -94,6 +94,26 @@ class Metrics:
             "CPU time of the event-loop thread (sockets, websockets framing, JSON, sessions, VAD).",
             registry=r,
         )
+        self.calls_active = Gauge("chorus_calls_active", "Telephony calls open (Twilio, AudioSocket, native streams with a call_id).", registry=r)
+        self.call_events = Counter("chorus_call_events", "Call events published, by type.", ["type"], registry=r)
+        self.call_subscribers = Gauge("chorus_call_subscribers", "Open /v1/calls subscriptions.", registry=r)
+        self.call_subscribers_dropped = Counter(
+            "chorus_call_subscribers_dropped", "/v1/calls subscribers disconnected for not reading their events.", registry=r,
+        )
+        self.webhook_events = Counter(
+            "chorus_webhook_events", "Call events handed to the webhook, by outcome: delivered, failed (every try "
+            "failed, or a 4xx that is not retried), dropped (the call's queue was full, or shutdown came first).",
+            ["outcome"], registry=r,
+        )
+        self.webhook_requests = Counter(
+            "chorus_webhook_requests", "Webhook POSTs, by result: 2xx, 3xx, 4xx, 5xx, timeout, error (no response).",
+            ["result"], registry=r,
+        )
+        self.webhook_pending = Gauge("chorus_webhook_pending_events", "Call events waiting for webhook delivery.", registry=r)
+        self.webhook_delay = Histogram(
+            "chorus_webhook_delivery_seconds", "From an event's publication to its successful delivery (retries included).",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
         # process_cpu_seconds_total etc., so the stage times can be set against the whole process.
         ProcessCollector(registry=r)
 

@@ -12,7 +12,8 @@ from server.runners.base import Word
 from server.protocol import native
 from server.protocol.native import (
     CONFIG_KEYS, PROTOCOL_VERSION, Finalize, KeepAlive, ProtocolError, Start, Stop, StreamConfig,
-    build_config, parse_query, parse_text,
+    build_config,
+    call_options, parse_query, parse_text,
 )
 
 
@@ -77,11 +78,26 @@ def test_start_with_unknown_field():
 
 def test_query_strings_round_trip():
     q = {"sample_rate": "8000", "encoding": "alaw", "language": "EN", "interim_results": "false",
-         "partial_words": "1", "endpointing_ms": "300", "max_segment_ms": "15000", "token": "secret"}
+         "partial_words": "1", "endpointing_ms": "300", "max_segment_ms": "15000", "token": "secret",
+         "channels": "2", "call_id": "b2a7-call.1"}
     fields = parse_query(q)
     assert "token" not in fields and set(fields) == set(CONFIG_KEYS)
     assert build_config(fields) == StreamConfig(sample_rate=8000, encoding="alaw", language="en", interim_results=False,
                                                 partial_words=True, endpointing_ms=300, max_segment_ms=15000)
+    assert call_options(fields) == (2, "b2a7-call.1")
+
+
+def test_call_options():
+    assert call_options({}) == (1, None)
+    assert call_options({"channels": 1, "call_id": "CA0123"}) == (1, "CA0123")
+    for bad in ({"channels": "3"}, {"channels": 0}, {"call_id": ""}, {"call_id": "a b"}, {"call_id": "x" * 129},
+                {"call_id": 5}):
+        e = code_of(call_options, bad)
+        assert e.code == "bad_config" and e.fatal, bad
+        # build_config checks them too, so a bad call_id in a start is refused with the rest.
+        assert code_of(build_config, bad).code == "bad_config"
+    e = code_of(parse_text, '{"type":"start","channels":"2"}')
+    assert e.code == "bad_config" and "channels must be an integer" in e.message
 
 
 def test_empty_query_means_no_config():
@@ -287,8 +303,10 @@ def test_ready():
     msg = json.loads(out)
     assert out == json.dumps(msg, separators=(",", ":"), ensure_ascii=False)  # compact
     assert msg["type"] == "ready" and msg["session_id"] == "abc" and msg["protocol_version"] == PROTOCOL_VERSION
-    assert msg["config"] == {k: v for k, v in cfg.to_dict().items() if k in CONFIG_KEYS}
+    assert msg["config"] == {**{k: v for k, v in cfg.to_dict().items() if k in CONFIG_KEYS}, "channels": 1, "call_id": None}
     assert set(msg["config"]) == set(CONFIG_KEYS)
+    two = json.loads(native.ready("abc", cfg, {}, channels=2, call_id="CA1"))
+    assert two["config"]["channels"] == 2 and two["config"]["call_id"] == "CA1"
     assert msg["model"]["name"] == "whisper" and msg["model"]["languages"] == ["en", "de"]
     assert isinstance(msg["model"]["device"], str)
 

@@ -25,7 +25,11 @@ if TYPE_CHECKING:
     from server.runners.base import Word
 
 PROTOCOL_VERSION = 1
-CONFIG_KEYS = ("sample_rate", "encoding", "language", "interim_results", "partial_words", "endpointing_ms", "max_segment_ms")
+CONFIG_KEYS = ("sample_rate", "encoding", "language", "interim_results", "partial_words", "endpointing_ms", "max_segment_ms",
+               "channels", "call_id")
+# Keys about the connection rather than each channel's session (see ``call_options``).
+_CONNECTION_KEYS = ("channels", "call_id")
+_CALL_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 # Query keys that are not stream config but are allowed in the URL (authentication proxies).
 _QUERY_PASSTHROUGH = ("token",)
 _LANGUAGE_RE = re.compile(r"[a-z-]{2,8}")
@@ -114,17 +118,17 @@ def parse_text(text: str) -> ClientMessage:
 
 
 def _check_json_type(key: str, value: Any) -> None:
-    if key in ("encoding", "language"):
+    if key in ("encoding", "language", "call_id"):
         ok = isinstance(value, str)
     elif key in ("interim_results", "partial_words"):
         ok = isinstance(value, bool)
     elif key in ("endpointing_ms", "max_segment_ms"):
         ok = value is None or _is_int(value)
-    else:  # sample_rate
+    else:  # sample_rate, channels
         ok = _is_int(value)
     if not ok:
-        want = {"encoding": "a string", "language": "a string", "interim_results": "true or false",
-                "partial_words": "true or false", "sample_rate": "an integer"}.get(key, "an integer or null")
+        want = {"encoding": "a string", "language": "a string", "call_id": "a string", "interim_results": "true or false",
+                "partial_words": "true or false", "sample_rate": "an integer", "channels": "an integer"}.get(key, "an integer or null")
         raise _bad_config(f"{key} must be {want}, got {_echo(value)}")
 
 
@@ -212,6 +216,7 @@ def build_config(
     unknown = [k for k in fields if k not in CONFIG_KEYS]
     if unknown:
         raise _bad_config(f"unknown config field(s) {_echo_keys(unknown)}; allowed: {', '.join(CONFIG_KEYS)}")
+    call_options(fields)  # checked here too, so one call validates everything a client gave
     out: dict[str, Any] = {}
 
     rate = _sample_rate_field(fields)
@@ -255,6 +260,18 @@ def build_config(
     return StreamConfig(**out)
 
 
+def call_options(fields: Mapping) -> tuple[int, str | None]:
+    """``channels`` (1, or 2: interleaved frames, each channel its own session and speaker, as
+    FreeSWITCH's stereo streams send caller and callee) and ``call_id`` (publish this stream's
+    results as that call's events, for the webhook and /v1/calls), from the same fields as
+    ``build_config``."""
+    channels = _int_field(fields, "channels", 1, 2) or 1
+    call_id = fields.get("call_id")
+    if call_id is not None and (not isinstance(call_id, str) or not _CALL_ID_RE.fullmatch(call_id)):
+        raise _bad_config(f"call_id must be 1-128 letters, digits and . _ : -, got {_echo(call_id)}")
+    return channels, call_id
+
+
 # ---------------------------------------------------------------------- server -> client
 
 
@@ -262,10 +279,10 @@ def _dumps(obj: Mapping[str, Any]) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-_CORE_KEYS = frozenset(("type", "segment_id", "text", "start_ms", "end_ms", "cut_ms", "words"))
+_CORE_KEYS = frozenset(("type", "segment_id", "text", "start_ms", "end_ms", "cut_ms", "words", "channel"))
 
 
-def _extras(fields: Mapping) -> dict[str, Any]:
+def result_extras(fields: Mapping) -> dict[str, Any]:
     """Model extras worth sending: JSON scalars only, never overriding a core key."""
     out: dict[str, Any] = {}
     for k, v in fields.items():
@@ -291,41 +308,49 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def ready(session_id: str, config: StreamConfig, model: Mapping) -> str:
+def ready(session_id: str, config: StreamConfig, model: Mapping, channels: int = 1, call_id: str | None = None) -> str:
     return _dumps({
         "type": "ready",
         "session_id": session_id,
         "protocol_version": PROTOCOL_VERSION,
         "model": _plain(model),
         # Only the settings this dialect has words for (StreamConfig also holds other dialects' knobs).
-        "config": {k: v for k, v in config.to_dict().items() if k in CONFIG_KEYS},
+        "config": {**{k: v for k, v in config.to_dict().items() if k in CONFIG_KEYS},
+                   "channels": channels, "call_id": call_id},
     })
 
 
-def speech_started(segment_id: int, start_ms: int) -> str:
-    return _dumps({"type": "speech_started", "segment_id": segment_id, "start_ms": start_ms})
+def _channel(obj: dict[str, Any], channel: int | None) -> dict[str, Any]:
+    """Results of a two-channel stream say which channel (0 or 1) they belong to."""
+    if channel is not None:
+        obj["channel"] = channel
+    return obj
 
 
-def _words(words: "Sequence[Word] | None") -> list[dict[str, Any]]:
+def speech_started(segment_id: int, start_ms: int, channel: int | None = None) -> str:
+    return _dumps(_channel({"type": "speech_started", "segment_id": segment_id, "start_ms": start_ms}, channel))
+
+
+def word_dicts(words: "Sequence[Word] | None") -> list[dict[str, Any]]:
     """Word timings, already on the stream's clock (the session puts them there)."""
     return [{"word": w.word, "start_ms": w.start_ms, "end_ms": w.end_ms} for w in words or ()]
 
 
 def partial(segment_id: int, text: str, start_ms: int, end_ms: int, fields: Mapping,
-            words: "Sequence[Word] | None" = None) -> str:
+            words: "Sequence[Word] | None" = None, channel: int | None = None) -> str:
     """`words` only when the client asked for them in partials (`partial_words`)."""
     core: dict[str, Any] = {"type": "partial", "segment_id": segment_id, "text": text, "start_ms": start_ms, "end_ms": end_ms}
     if words is not None:
-        core["words"] = _words(words)
-    return _dumps({**core, **_extras(fields)})
+        core["words"] = word_dicts(words)
+    return _dumps(_channel({**core, **result_extras(fields)}, channel))
 
 
 def final(segment_id: int, text: str, start_ms: int, end_ms: int, cut_ms: int, fields: Mapping,
-          words: "Sequence[Word] | None" = None) -> str:
+          words: "Sequence[Word] | None" = None, channel: int | None = None) -> str:
     """Every final has `words` (an empty list for empty text or when the model gave none)."""
     core = {"type": "final", "segment_id": segment_id, "text": text, "start_ms": start_ms,
-            "end_ms": end_ms, "cut_ms": cut_ms, "words": _words(words)}
-    return _dumps({**core, **_extras(fields)})
+            "end_ms": end_ms, "cut_ms": cut_ms, "words": word_dicts(words)}
+    return _dumps(_channel({**core, **result_extras(fields)}, channel))
 
 
 def error(code: str, message: str, fatal: bool) -> str:

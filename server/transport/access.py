@@ -155,7 +155,7 @@ class AccessPolicy:
         refusal = self._check_token(request, path)
         if refusal is not None:
             return refusal
-        return self._check_origin(request, path, secure)
+        return self.check_origin(request, path, secure)
 
     # ------------------------------------------------------------------ tokens
     def _check_token(self, request: Request, path: str) -> Response | None:
@@ -204,7 +204,7 @@ class AccessPolicy:
         # page's origin is http(s)://, even though its socket's URL is ws(s)://.
         return origin == _origin_key(f"{'https' if secure else 'http'}://{hosts[0]}")
 
-    def _check_origin(self, request: Request, path: str, secure: bool) -> Response | None:
+    def check_origin(self, request: Request, path: str, secure: bool) -> Response | None:
         if self.origin_allowed(request, secure):
             return None
         origin = ", ".join(request.headers.get_all("Origin"))

@@ -45,7 +45,12 @@ class Connection:
     - ``on_text(text)`` / ``on_audio(data)``: one client message;
     - ``finish(drain)``: deliver everything still owed (finals, a last message) when the
       connection ends by a drain or the session-length limit;
-    - ``report(code, message, fatal)``: an error in the dialect's words.
+    - ``report(code, message, fatal)``: an error in the dialect's words;
+    - ``settle()``, optionally: when results also go to someone other than this client (a
+      call's application), deliver them however the connection ended.
+
+    A dialect whose connection carries several sessions (a stereo stream's channels)
+    lists them in ``all_sessions()``; ``session`` is the first.
     """
 
     def __init__(self, app: "ChorusServer", ws: ServerConnection) -> None:
@@ -56,6 +61,7 @@ class Connection:
         self.outbox: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self.cfg.max_outgoing_messages)
         self._outbox_bytes = 0  # characters queued, bounded by max_outgoing_bytes
         self._kicked = False
+        self._gone = False  # the client closed the connection: nothing more can reach it
         self._writing: asyncio.Task | None = None
         self._kick_close: asyncio.Task | None = None
         self._serving: asyncio.Task | None = None
@@ -86,6 +92,14 @@ class Connection:
     def report(self, code: str, message: str, fatal: bool) -> None:
         raise NotImplementedError
 
+    async def settle(self) -> None:
+        """The read loop is over, however it ended (stop, drain, limit, the client gone, a
+        bug): deliver what is owed to readers other than this client. The sessions are
+        closed right after."""
+
+    def all_sessions(self) -> list["Session"]:
+        return [self.session] if self.session is not None else []
+
     def on_error(self, code: str, message: str, fatal: bool) -> None:
         """SessionOutput's error callback; also counts errors by code."""
         self.app.metrics.errors.labels(code).inc()
@@ -93,7 +107,7 @@ class Connection:
 
     # ------------------------------------------------------------------ outgoing
     def send(self, text: str) -> None:
-        if self._kicked:
+        if self._kicked or self._gone:
             return
         if self._outbox_bytes + len(text) > self.cfg.max_outgoing_bytes:
             self._kick()
@@ -114,8 +128,8 @@ class Connection:
         log.warning("session %s: client fell %d messages (%d characters) behind; closing 1008",
                     self.sid(), self.outbox.qsize(), self._outbox_bytes)
         self.app.metrics.errors.labels("slow_consumer").inc()
-        if self.session is not None:
-            self.session.close()
+        for session in self.all_sessions():
+            session.close()
         if self._writing is not None:
             self._writing.cancel()  # it is stuck on the full socket; the close frame goes next
         self._kick_close = asyncio.get_running_loop().create_task(self.close(CLOSE_POLICY, SLOW_CONSUMER))
@@ -156,7 +170,7 @@ class Connection:
                     raise  # this handler itself is being cancelled, not a drain
                 close_code, reason = await self._drained()
         except ConnectionClosed:
-            pass
+            self._gone = True
         except Exception as exc:  # noqa: BLE001 - a bug here must close this client only
             incident = incidents.report(log, "session %s: internal error", exc, self.sid())
             self.on_error("internal", f"internal server error (incident {incident}); the session is closed", True)
@@ -165,8 +179,11 @@ class Connection:
             serving.cancel()
             if keepalive is not None:
                 keepalive.cancel()
-            if self.session is not None:
-                self.session.close()
+            try:
+                await self.settle()
+            finally:
+                for session in self.all_sessions():
+                    session.close()
         if self._kick_close is not None:
             writer.cancel()
             await self._kick_close
@@ -235,13 +252,14 @@ class Connection:
             self.ws.transport.abort()
 
     async def backpressure(self) -> None:
-        """Wait (not reading the socket) while the session has too many finals queued."""
-        if self.session is not None and self.session.held_back:
-            self.hold()
-            try:
-                await self.session.backpressure()
-            finally:
-                self._holding = False
+        """Wait (not reading the socket) while a session has too many finals queued."""
+        for session in self.all_sessions():
+            if session.held_back:
+                self.hold()
+                try:
+                    await session.backpressure()
+                finally:
+                    self._holding = False
 
     async def _serve(self) -> Close:
         early = await self.begin()

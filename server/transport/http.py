@@ -12,19 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import TYPE_CHECKING, Callable
+from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from server.admission import Refusal
+from server.protocol.twilio import signature_valid
+from server.transport.twilio import signed_urls
 from server.transport.page import page_response
 
 if TYPE_CHECKING:
     from server.app import ChorusServer
 
+log = logging.getLogger(__name__)
+
 STREAM_PATHS = ("/v1/stream",)
+TWILIO_PATH = "/v1/twilio"
+CALLS_PATH = "/v1/calls"
 
 
 def _response(status: int, reason: str, body: bytes, content_type: str) -> Response:
@@ -64,12 +72,18 @@ def make_process_request(app: "ChorusServer") -> Callable:
         page = page_response(path)
         if page is not None:
             return page
-        denied = app.access.check(request, path, secure)
+        if path == TWILIO_PATH and app.twilio_auth_token is not None:
+            # Twilio can send neither a header nor a query string of ours: its signature is the credential.
+            denied = _twilio_signature(app, request, path) or app.access.check_origin(request, path, secure)
+        else:
+            denied = app.access.check(request, path, secure)
         if denied is not None:
             return denied
         if path == "/metrics":
             return _response(200, "OK", app.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
-        if path not in STREAM_PATHS:
+        if path == CALLS_PATH:
+            return _subscribe(app, request)
+        if path not in STREAM_PATHS and not (path == TWILIO_PATH and app.config.twilio.enabled):
             return json_response(404, "Not Found", {"error": "not_found", "message": "no such route; streams are at /v1/stream"})
         return _admit(app, connection, request)
 
@@ -89,6 +103,38 @@ def make_funasr_process_request(app: "ChorusServer") -> Callable:
         return _admit(app, connection, request)
 
     return process_request
+
+
+def _twilio_signature(app: "ChorusServer", request: Request, path: str) -> Response | None:
+    """403 unless ``X-Twilio-Signature`` signs this stream's URL with the configured Auth Token."""
+    given = request.headers.get("X-Twilio-Signature", "")
+    hosts = request.headers.get_all("Host")
+    token = app.twilio_auth_token
+    assert token is not None
+    if given and signature_valid(token, given, signed_urls(app.config, hosts[0] if len(hosts) == 1 else None, path)):
+        return None
+    log.info("refused %s: %s X-Twilio-Signature", path, "invalid" if given else "no")
+    return json_response(403, "Forbidden", {
+        "error": "forbidden", "message": "X-Twilio-Signature is missing or does not sign this URL with the "
+        "configured Twilio Auth Token (behind a proxy, set twilio.public_url to the URL in your TwiML)"})
+
+
+def _subscribe(app: "ChorusServer", request: Request) -> Response | None:
+    """A /v1/calls handshake: the call to follow is required; subscribers use no model
+    capacity, so only their own limit (and a drain) refuses them."""
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return json_response(426, "Upgrade Required", {"error": "upgrade_required", "message": "connect with a WebSocket client"})
+    call_ids = [v for k, v in parse_qsl(urlsplit(request.path).query, keep_blank_values=True) if k == "call_id"]
+    if len(call_ids) != 1 or not call_ids[0] or len(call_ids[0]) > 128:
+        return json_response(400, "Bad Request", {"error": "bad_request", "message":
+                             "give one call_id of 1-128 characters (?call_id=<id>, or ?call_id=* for every call)"})
+    if app.draining or app.calls.closed:
+        return json_response(503, "Service Unavailable", {"error": "unavailable", "reason": "draining",
+                                                          "message": "server is shutting down"})
+    if not app.calls.has_room():
+        return json_response(503, "Service Unavailable", {"error": "overloaded", "reason": "subscribers",
+                                                          "message": "too many /v1/calls subscribers"})
+    return None
 
 
 def _admit(app: "ChorusServer", connection: ServerConnection, request: Request) -> Response | None:

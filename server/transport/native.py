@@ -1,4 +1,4 @@
-"""The native dialect's connection adapter: /v1/stream messages <-> one Session.
+"""The native dialect's connection adapter: /v1/stream messages <-> one Session per audio channel.
 
 This is the only place where the native JSON codec meets a socket; what every dialect
 shares (outbox bounds, keepalive, limits, drain) is in server/transport/connection.py.
@@ -6,13 +6,18 @@ shares (outbox bounds, keepalive, limits, drain) is in server/transport/connecti
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
+import numpy as np
 from websockets.asyncio.server import ServerConnection
 
-from server.audio.codecs import AudioFormatError
+from server.audio.codecs import BYTES_PER_SAMPLE, AudioFormatError
+from server.calls.hub import CallStream
+from server.calls.track import TrackOutput
 from server.protocol import native
 from server.protocol.native import Finalize, KeepAlive, ProtocolError, Start, Stop
 from server.session import Session
@@ -25,31 +30,113 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Call tracks of a stream that names a call, by its number of channels (FreeSWITCH's stereo
+# puts the caller on the first channel, the callee on the second).
+TRACK_NAMES = {1: ("mono",), 2: ("caller", "callee")}
 
-class NativeConnection(Connection):
-    """Implements SessionOutput for one WebSocket client speaking the native protocol."""
 
-    # ------------------------------------------------------------------ SessionOutput
+class _Channel:
+    """SessionOutput of one channel's session: native messages to the client (with
+    ``channel`` on a two-channel stream), and the call's events when the stream names a call."""
+
+    def __init__(self, conn: "NativeConnection", index: int | None) -> None:
+        self.conn = conn
+        self.index = index
+        self.track: TrackOutput | None = None  # set when the call opens
+
     def on_speech_started(self, segment_id: int, start_ms: int) -> None:
-        self.send(native.speech_started(segment_id, start_ms))
+        self.conn.send(native.speech_started(segment_id, start_ms, self.index))
+        if self.track is not None:
+            self.track.on_speech_started(segment_id, start_ms)
 
     def on_partial(self, segment_id: int, text: str, start_ms: int, end_ms: int, fields: dict[str, Any],
                    words: list[Word] | None = None) -> None:
-        self.send(native.partial(segment_id, text, start_ms, end_ms, fields, words))
+        self.conn.send(native.partial(segment_id, text, start_ms, end_ms, fields, words, self.index))
+        if self.track is not None:
+            self.track.on_partial(segment_id, text, start_ms, end_ms, fields, words)
 
     def on_final(self, segment_id: int, text: str, start_ms: int, end_ms: int, cut_ms: int, fields: dict[str, Any],
                  words: list[Word] | None = None) -> None:
-        self.send(native.final(segment_id, text, start_ms, end_ms, cut_ms, fields, words))
+        self.conn.send(native.final(segment_id, text, start_ms, end_ms, cut_ms, fields, words, self.index))
+        if self.track is not None:
+            self.track.on_final(segment_id, text, start_ms, end_ms, cut_ms, fields, words)
+
+    def on_error(self, code: str, message: str, fatal: bool) -> None:
+        if self.track is not None:
+            self.track.stream.publish("error", self.track.track, {"code": code, "message": message, "fatal": fatal})
+        self.conn.on_error(code, message, fatal)
+
+
+class NativeConnection(Connection):
+    """One WebSocket client speaking the native protocol: one session per audio channel."""
+
+    def __init__(self, app: "ChorusServer", ws: ServerConnection) -> None:
+        super().__init__(app, ws)
+        self.channels: list[Session] = []
+        self._outputs: list[_Channel] = []
+        self._width = 2  # bytes per sample of the stream's encoding
+        self._from_url = False  # configured by URL: stray text frames are a bridge's metadata
+        self._call_id: str | None = None
+        self.call: CallStream | None = None
+
+    def all_sessions(self) -> list[Session]:
+        return self.channels
 
     def report(self, code: str, message: str, fatal: bool) -> None:
         self.send(native.error(code, message, fatal))
 
+    # ------------------------------------------------------------------ calls
+    def _open_call(self, metadata: dict[str, Any] | None) -> None:
+        """A stream that names a call publishes it on the hub from its first audio or metadata."""
+        if self._call_id is None or self.call is not None:
+            return
+        names = TRACK_NAMES[len(self.channels)]
+        self.call = self.app.calls.open(self._call_id, "native", stream_id=self.session.id if self.session else None,
+                                        metadata=metadata, tracks=names)
+        for output, name in zip(self._outputs, names):
+            output.track = TrackOutput(self.call, name)
+
+    def _metadata(self, text: str) -> None:
+        """A bridge's metadata frame (mod_audio_stream sends the text given on its command line
+        first, and more with send_text/stop): the call's metadata, never a protocol error."""
+        try:
+            parsed = json.loads(text)
+        except (ValueError, RecursionError):
+            parsed = None
+        metadata = parsed if isinstance(parsed, dict) else {"text": text}
+        if self.call is None:
+            self._open_call(metadata)
+        elif self._call_id is not None:
+            self.call.publish("metadata", None, {"metadata": metadata})
+        log.debug("session %s: metadata frame of %d characters", self.sid(), len(text))
+
     # ------------------------------------------------------------------ hooks
+    async def _stop_all(self) -> None:
+        self.hold()
+        for session in self.channels:
+            await session.stop()
+
     async def finish(self, drain: bool) -> None:
-        if self.session is not None:
-            await self.session.stop()
+        if self.channels:
+            await self._stop_all()
             if drain:
                 self.send(native.done())
+        if self.call is not None:
+            self.call.end("shutdown" if drain else "session_limit")
+
+    async def settle(self) -> None:
+        """A stream that names a call still delivers that call's words when its client goes
+        away without `stop` (FreeSWITCH's `uuid_audio_stream stop` just closes the socket)."""
+        if self._call_id is None or self.call is None or self.call.ended:
+            return
+        try:
+            await asyncio.wait_for(self._stop_all(), self.cfg.shutdown_timeout_s)
+        except asyncio.CancelledError:
+            self.call.end("disconnected")
+            raise
+        except Exception as exc:  # noqa: BLE001 - the call must still end
+            log.warning("session %s: finals after the disconnect were lost: %r", self.sid(), exc)
+        self.call.end("disconnected")
 
     def _start(self, fields: dict) -> None:
         stream = native.build_config(
@@ -60,13 +147,18 @@ class NativeConnection(Connection):
             # language outside it is refused now rather than failing the batches it would join.
             languages=self.app.runner.languages(),
         )
-        self.session = Session(self.app.config, stream, self.app.batcher, self, self.app.metrics)
+        n, self._call_id = native.call_options(fields)
+        self._width = BYTES_PER_SAMPLE[stream.encoding]
+        self._outputs = [_Channel(self, i if n > 1 else None) for i in range(n)]
+        self.channels = [Session(self.app.config, stream, self.app.batcher, out, self.app.metrics) for out in self._outputs]
+        self.session = self.channels[0]
         eff = stream.to_dict()
         eff["endpointing_ms"] = self.session.settings.endpoint_ms
         eff["max_segment_ms"] = self.session.settings.max_segment_ms
         eff["interim_results"] = bool(self.session.partial_interval_ms)
-        self.send(native.ready(self.session.id, type(stream)(**eff), self.app.model_info()))
-        log.info("session %s started: %s", self.session.id, eff)
+        self.send(native.ready(self.session.id, type(stream)(**eff), self.app.model_info(), n, self._call_id))
+        log.info("session %s started: %s%s", self.session.id, eff,
+                 f", {n} channels" if n > 1 else "")
 
     async def begin(self) -> Close | None:
         query = dict(parse_qsl(urlsplit(self.ws.request.path).query, keep_blank_values=True))
@@ -74,6 +166,7 @@ class NativeConnection(Connection):
             fields = native.parse_query(query)
             if fields:
                 self._start(fields)
+                self._from_url = True
         except ProtocolError as e:
             self.on_error(e.code, e.message, True)
             return CLOSE_POLICY, e.code
@@ -83,6 +176,9 @@ class NativeConnection(Connection):
         try:
             msg = native.parse_text(text)
         except ProtocolError as e:
+            if self._from_url and e.code in ("bad_json", "unknown_type") and not _has_type(text):
+                self._metadata(text)
+                return None
             # A bad text message is dropped; the stream itself is still fine.
             self.on_error(e.code, e.message, False)
             return None
@@ -96,15 +192,15 @@ class NativeConnection(Connection):
                 # Nothing has started yet: the client may send a corrected start.
                 self.on_error(e.code, f"{e.message}; start ignored", False)
         elif isinstance(msg, Finalize):
-            if self.session is not None:
-                self.session.finalize()
+            for session in self.channels:
+                session.finalize()
         elif isinstance(msg, KeepAlive):
             pass
         elif isinstance(msg, Stop):
-            if self.session is not None:
-                self.hold()
-                await self.session.stop()
+            await self._stop_all()
             self.send(native.done())
+            if self.call is not None:
+                self.call.end("stop")
             return CLOSE_NORMAL, "done"
         return None
 
@@ -117,11 +213,31 @@ class NativeConnection(Connection):
                 self.on_error("config_required", "send a start message (or URL parameters) before audio; audio dropped", False)
                 return
             self._start({})
-        assert self.session is not None
+        if self.call is None:
+            self._open_call(None)
         try:
-            self.session.feed_audio(data)
+            if len(self.channels) == 1:
+                self.channels[0].feed_audio(data)
+                return
+            frame = self._width * len(self.channels)
+            if len(data) % frame:
+                raise AudioFormatError(f"{len(data)} bytes is not a whole number of {len(self.channels)}-channel "
+                                       f"frames ({frame} bytes each)")
+            # Interleaved frames: channel c's samples are every n-th sample starting at c.
+            frames = np.frombuffer(data, dtype=np.uint8).reshape(-1, len(self.channels), self._width)
+            for c, session in enumerate(self.channels):
+                session.feed_audio(frames[:, c, :].tobytes())
         except AudioFormatError as e:
             self.on_error("bad_audio", f"{e}; message dropped", False)
+
+
+def _has_type(text: str) -> bool:
+    """Whether a text frame is a JSON object with a `type`: a native message, however wrong."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(obj, dict) and "type" in obj
 
 
 async def handle(app: "ChorusServer", ws: ServerConnection) -> None:

@@ -1,0 +1,1 @@
+"""Calls: telephony streams' transcripts, fanned out to subscribers and the webhook."""

@@ -1,0 +1,112 @@
+"""Live call subscriptions: WebSocket `/v1/calls?call_id=ID` (or `*`) on the main port.
+
+A subscriber receives ``{"type": "subscribed", "call_id": ...}``, then the call's events
+as JSON text, exactly as the webhook gets them: for one call, what was said so far (every
+event but partials) and then the call live, and the connection closes with 1000 after
+``call_ended``; with ``*``, every call's events from now on, until the subscriber leaves.
+A subscriber may connect before its call starts. Subscribers use no model capacity and
+never slow a call: one that falls behind by `server.max_outgoing_messages` events (or
+`server.max_outgoing_bytes`) is disconnected with 1008 (see server/calls/hub.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from server.calls.hub import Subscription
+from server.transport.connection import CLOSE_GRACE_S, CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, SLOW_CONSUMER
+
+if TYPE_CHECKING:
+    from server.app import ChorusServer
+
+log = logging.getLogger(__name__)
+
+PATH = "/v1/calls"
+CLOSE_TRY_AGAIN = 1013
+
+
+async def _write(ws: ServerConnection, sub: Subscription) -> None:
+    while True:
+        text = await sub.get()
+        if text is None:
+            return
+        await ws.send(text)
+
+
+async def _read(ws: ServerConnection) -> None:
+    """Subscribers have nothing to say; their messages are read (so pongs and the close
+    handshake are seen) and dropped."""
+    async for _ in ws:
+        pass
+
+
+async def _keepalive(ws: ServerConnection, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        pong = await ws.ping()
+        try:
+            async with asyncio.timeout(interval):
+                await pong
+        except TimeoutError:
+            return
+
+
+async def _close(ws: ServerConnection, code: int, reason: str) -> None:
+    try:
+        await asyncio.wait_for(ws.close(code, reason), CLOSE_GRACE_S)
+    except asyncio.TimeoutError:
+        ws.transport.abort()
+
+
+async def handle(app: "ChorusServer", ws: ServerConnection) -> None:
+    """websockets' handler for /v1/calls; process_request already checked access and call_id."""
+    call_id = dict(parse_qsl(urlsplit(ws.request.path).query, keep_blank_values=True)).get("call_id", "")
+    sub = app.calls.subscribe(call_id)
+    if sub is None:  # the last slot went to a concurrent handshake, or the server began stopping
+        await _close(ws, CLOSE_TRY_AGAIN, "too many subscribers")
+        return
+    finished = asyncio.get_running_loop().create_future()
+    app.subscriptions.add(finished)
+    tasks: list[asyncio.Task] = []
+    try:
+        await ws.send(json.dumps({"type": "subscribed", "call_id": call_id}))
+        writer = asyncio.create_task(_write(ws, sub))
+        overflow = asyncio.create_task(sub.overflowed_event.wait())
+        reader = asyncio.create_task(_read(ws))
+        tasks = [writer, overflow, reader]
+        interval = app.config.server.ping_interval_s
+        keepalive = asyncio.create_task(_keepalive(ws, interval)) if interval > 0 else None
+        if keepalive is not None:
+            tasks.append(keepalive)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if overflow.done():
+            await _close(ws, CLOSE_POLICY, SLOW_CONSUMER)
+        elif writer.done() and writer.exception() is None:
+            # The call ended (1000), or the server is stopping after every call drained.
+            if app.calls.closed:
+                await _close(ws, app.config.server.shutdown_close_code, "server shutting down")
+            else:
+                await _close(ws, CLOSE_NORMAL, "call ended")
+        elif keepalive is not None and keepalive.done() and keepalive.exception() is None:
+            log.info("a /v1/calls subscriber sent no pong in %g s; closing 1011", interval)
+            await _close(ws, CLOSE_INTERNAL, "keepalive ping timeout")
+    except ConnectionClosed:
+        pass
+    finally:
+        for task in tasks:
+            task.cancel()
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a closed socket's error is expected here
+        app.calls.unsubscribe(sub)
+        app.subscriptions.discard(finished)
+        finished.set_result(None)
+
+
+__all__ = ["PATH", "handle"]

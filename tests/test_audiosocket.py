@@ -1,0 +1,174 @@
+"""Asterisk AudioSocket calls, end to end: real TCP sockets, the real Whisper model.
+
+The sender (tests/audiosocketclient.py) builds every frame itself from Asterisk's protocol
+description. Calls stream real speech at 8 kHz (and 16 kHz) at real time; what the
+application would get (the call hub's events, exactly as the webhook receives them) is
+compared with the same clips at 16 kHz over the native protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from tests.audiosocketclient import audiosocket_call, frame
+from tests.callrecorder import CallRecorder
+from server.wer import word_error_rate
+from tests.serverharness import DATA, TRANSCRIPTS, ServerThread, make_config, read_clip
+from tests.telephony import clips_8k, final_text, pooled_reference, pooled_wer, wer
+
+JFK = DATA / "jfk.wav"
+SHORT = DATA / "sense_and_sensibility_01_austen_64kb-0880.wav"
+CALL_A = [JFK, DATA / "sense_and_sensibility_01_austen_64kb-0870.wav", DATA / "sense_and_sensibility_01_austen_64kb-0920.wav"]
+CALL_B = [SHORT, DATA / "sense_and_sensibility_01_austen_64kb-0890.wav", DATA / "sense_and_sensibility_01_austen_64kb-0930.wav"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server(runner, **overrides) -> ServerThread:
+    return ServerThread(make_config(**{"audiosocket.port": free_port(), **overrides}), runner)
+
+
+def check_events(events: list[dict], call_id: str, reason: str) -> None:
+    assert events[0]["type"] == "call_started" and events[0]["tracks"] == ["inbound"], events[:1]
+    assert events[-1]["type"] == "call_ended" and events[-1]["reason"] == reason, events[-1]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    for e in events:
+        assert e["call_id"] == call_id and e["source"] == "audiosocket"
+    for f in (e for e in events if e["type"] == "final"):
+        assert f["track"] == "inbound" and 0 <= f["start_ms"] < f["end_ms"] and isinstance(f["words"], list), f
+
+
+def test_two_calls_at_8k_real_time_match_16k(whisper_runner):
+    """Two concurrent 8 kHz calls (one split into 7-byte TCP writes), at real time: each call's
+    transcript is within 5 points of WER of the same clips at 16 kHz; the call id is the UUID
+    in canonical form; DTMF comes through; a hangup ends the call after its last final."""
+    with server(whisper_runner) as s:
+        recorder = s.app.calls.sink = CallRecorder()
+        ref_a, ref_b = pooled_reference(s, CALL_A), pooled_reference(s, CALL_B)
+        ua, ub = uuid.UUID("0F1E2D3C-4B5A-6978-8796-A5B4C3D2E1F0"), uuid.uuid4()
+
+        async def main():
+            return await asyncio.gather(
+                audiosocket_call(s.app.audiosocket_port, ua, clips_8k(CALL_A), dtmf_at_ms={1000: "5", 1500: "#"}),
+                audiosocket_call(s.app.audiosocket_port, ub, clips_8k(CALL_B, lead_s=1.0), split=7),
+            )
+
+        run_a, run_b = asyncio.run(main())
+        a = recorder.wait_for("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", "call_ended")
+        b = recorder.wait_for(str(ub), "call_ended")
+    assert run_a.closed_by_server and run_a.received == b""  # Chorus sends nothing on a normal hangup
+    check_events(a, "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", "hangup")
+    check_events(b, str(ub), "hangup")
+    assert [e["digit"] for e in a if e["type"] == "dtmf"] == ["5", "#"]
+    w_a, w_b = pooled_wer(CALL_A, final_text(a)), pooled_wer(CALL_B, final_text(b))
+    assert w_a <= ref_a + 0.05 and w_b <= ref_b + 0.05, (w_a, ref_a, w_b, ref_b, final_text(a), final_text(b))
+    assert w_a < 0.15 and w_b < 0.15
+
+
+def test_wideband_kind_and_socket_close_without_hangup(whisper_runner):
+    """A 16 kHz call (kind 0x12) whose socket just closes: still recognised, reason hangup."""
+    with server(whisper_runner) as s:
+        recorder = s.app.calls.sink = CallRecorder()
+        u = uuid.uuid4()
+        clip = np.concatenate([read_clip(SHORT), np.zeros(8000, dtype=np.float32)])
+        asyncio.run(audiosocket_call(s.app.audiosocket_port, u, clip, rate=16000, speed=3.0, hangup=False, read_timeout=0.5))
+        events = recorder.wait_for(str(u), "call_ended")
+    check_events(events, str(u), "hangup")
+    assert wer(SHORT, final_text(events)) < 0.3
+
+
+def test_malformed_frames_end_only_their_own_call(whisper_runner):
+    """While a good call streams, other connections send what Asterisk never would: each gets
+    the hangup frame and, once its call is known, an error event and call_ended
+    protocol_error (with the finals of what it said first); the good call is untouched."""
+    with server(whisper_runner) as s:
+        recorder = s.app.calls.sink = CallRecorder()
+        port = s.app.audiosocket_port
+        good = uuid.uuid4()
+        bad = {name: uuid.uuid4() for name in ("kind", "odd", "dtmf", "second_uuid", "rate_change")}
+        speech = clips_8k([SHORT])
+
+        async def main():
+            good_call = asyncio.create_task(audiosocket_call(port, good, clips_8k(CALL_A[:2])))
+            await asyncio.sleep(1.0)
+            runs = await asyncio.gather(
+                audiosocket_call(port, bad["kind"], speech, speed=4.0, raw_after=frame(0x42, b"xx"), hangup=False),
+                audiosocket_call(port, bad["odd"], None, raw_after=frame(0x10, b"\x00" * 161), hangup=False),
+                audiosocket_call(port, bad["dtmf"], None, raw_after=frame(0x03, b"Z"), hangup=False),
+                audiosocket_call(port, bad["second_uuid"], None, raw_after=frame(0x01, uuid.uuid4().bytes), hangup=False),
+                audiosocket_call(port, bad["rate_change"], None,
+                                 raw_after=frame(0x10, b"\x00" * 320) + frame(0x12, b"\x00" * 640), hangup=False),
+                audiosocket_call(port, None, None, raw_before=frame(0x10, b"\x00" * 320), hangup=False),  # audio first
+                audiosocket_call(port, None, None, raw_before=frame(0x01, b"\x01" * 15), hangup=False),  # short UUID
+                audiosocket_call(port, None, None, raw_before=b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", hangup=False),
+            )
+            return await good_call, runs
+
+        good_run, runs = asyncio.run(main())
+        good_events = recorder.wait_for(str(good), "call_ended")
+        bad_events = {name: recorder.wait_for(str(u), "call_ended") for name, u in bad.items()}
+        healthy = s.http("/healthz")[0]
+        errors = s.metric('chorus_errors_total{code="bad_frame"}')
+    for run in runs:
+        assert run.closed_by_server and run.received == frame(0x00), run
+    for name, events in bad_events.items():
+        errors_of_call = [e for e in events if e["type"] == "error"]
+        assert events[-1]["reason"] == "protocol_error", (name, [e["type"] for e in events])
+        assert [(e["code"], e["fatal"]) for e in errors_of_call] == [("bad_frame", True)], (name, errors_of_call)
+    assert wer(SHORT, final_text(bad_events["kind"])) < 0.3  # what it said before the bad frame still counts
+    assert errors == 8
+    check_events(good_events, str(good), "hangup")
+    assert good_run.received == b""
+    assert pooled_wer(CALL_A[:2], final_text(good_events)) < 0.15
+    assert healthy == 200
+
+
+def test_refused_when_full_and_drained_on_shutdown(whisper_runner):
+    """At `server.max_sessions` a new call gets the hangup frame (and is counted); a call still
+    streaming when the server stops gets its finals and call_ended `shutdown`."""
+    s = server(whisper_runner, **{"server.max_sessions": "1"}).__enter__()
+    recorder = s.app.calls.sink = CallRecorder()
+    port = s.app.audiosocket_port
+    u = uuid.uuid4()
+    stopped = threading.Event()
+
+    def stop_later() -> None:
+        time.sleep(6.0)  # mid-way through the call's second clip
+        asyncio.run_coroutine_threadsafe(s.app.stop(), s.loop).result(60)
+        stopped.set()
+
+    async def main():
+        call = asyncio.create_task(audiosocket_call(port, u, clips_8k(CALL_A[:2]), hangup=False))
+        await asyncio.sleep(1.0)
+        refused = await audiosocket_call(port, uuid.uuid4(), None, hangup=False, read_timeout=5)
+        return refused, await call
+
+    threading.Thread(target=stop_later, daemon=True).start()
+    try:
+        refused, run = asyncio.run(main())
+        assert stopped.wait(60)
+        events = recorder.wait_for(str(u), "call_ended")
+        rejected = s.app.metrics.registry.get_sample_value("chorus_sessions_rejected_total", {"reason": "full"})
+    finally:
+        s.loop.call_soon_threadsafe(s.loop.stop)
+    assert refused.closed_by_server and refused.received == frame(0x00)
+    assert rejected == 1
+    assert run.closed_by_server
+    check_events(events, str(u), "shutdown")
+    # About 5 s of JFK's 11 s were sent before the stop: the segment open then was finalised, so
+    # its words are there, and they are the start of the clip's transcript (the last word or two
+    # may be cut mid-word by the stop).
+    said = final_text(events).split()
+    assert len(said) >= 6, said
+    heard = " ".join(TRANSCRIPTS[JFK.name].split()[:len(said) - 2])
+    assert word_error_rate([heard], [" ".join(said[:-2])]) < 0.4, (heard, said)
