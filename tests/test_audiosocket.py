@@ -15,6 +15,7 @@ import time
 import uuid
 
 import numpy as np
+import pytest
 
 from tests.audiosocketclient import audiosocket_call, frame
 from tests.callrecorder import CallRecorder
@@ -172,3 +173,27 @@ def test_refused_when_full_and_drained_on_shutdown(whisper_runner):
     assert len(said) >= 6, said
     heard = " ".join(TRANSCRIPTS[JFK.name].split()[:len(said) - 2])
     assert word_error_rate([heard], [" ".join(said[:-2])]) < 0.4, (heard, said)
+
+
+def test_cli_flags_and_a_port_in_use(whisper_runner):
+    from server.app import ChorusServer
+    from server.cli import _config, build_parser
+    from server.config import ConfigError
+
+    args = build_parser().parse_args(["serve", "--audiosocket-port", "9092", "--webhook-url", "https://app.example.com/hook"])
+    cfg = _config(args)
+    assert cfg.audiosocket.port == 9092 and cfg.webhook.url == "https://app.example.com/hook"
+    assert _config(build_parser().parse_args(["serve"])).audiosocket.port == 0  # off by default
+    with pytest.raises(ConfigError, match="webhook.url"):
+        _config(build_parser().parse_args(["serve", "--webhook-url", "ftp://x"]))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = make_config(**{"audiosocket.port": taken.getsockname()[1]})
+
+        async def main():
+            app = ChorusServer(cfg, runner=whisper_runner, preloaded=True)
+            with pytest.raises(ConfigError, match="--audiosocket-port"):
+                await app.start()
+
+        asyncio.run(main())

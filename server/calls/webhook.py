@@ -25,14 +25,13 @@ import hmac
 import logging
 import random
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from server import __version__
-from server.config import ConfigError
+from server.secrets import read_secret
 
 if TYPE_CHECKING:
     from server.config import Config, WebhookConfig
@@ -60,20 +59,8 @@ class _Event:
 
 def load_secret(config: "Config", environ: Mapping[str, str]) -> bytes | None:
     """The signing secret from ``$CHORUS_WEBHOOK_SECRET`` or `webhook.secret_file`, or None."""
-    raw = environ.get(SECRET_ENV, "").strip()
-    if raw:
-        return raw.encode()
-    if not config.webhook.secret_file:
-        return None
-    path = Path(config.webhook.secret_file).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-        raise ConfigError(f"webhook.secret_file: cannot read {str(path)!r}: {why}") from None
-    if not text:
-        raise ConfigError(f"webhook.secret_file: {str(path)!r} is empty")
-    return text.encode()
+    secret = read_secret(environ, SECRET_ENV, config.webhook.secret_file, "webhook.secret_file")
+    return secret.encode() if secret is not None else None
 
 
 def sign(secret: bytes, body: bytes) -> str:

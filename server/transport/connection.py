@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Awaitable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -22,6 +22,7 @@ from server import incidents
 
 if TYPE_CHECKING:
     from server.app import ChorusServer
+    from server.calls.hub import CallStream
     from server.session import Session
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,21 @@ class Connection:
         """The read loop is over, however it ended (stop, drain, limit, the client gone, a
         bug): deliver what is owed to readers other than this client. The sessions are
         closed right after."""
+
+    async def settle_call(self, call: "CallStream | None", finalise: Callable[[], Awaitable[None]]) -> None:
+        """For a dialect whose results also go to a call (the application is their reader, not
+        this socket): ``finalise`` the sessions, so the words said so far reach the call, within
+        the shutdown budget, then end the call ``disconnected``. Nothing if the call already ended."""
+        if call is None or call.ended:
+            return
+        try:
+            await asyncio.wait_for(finalise(), self.cfg.shutdown_timeout_s)
+        except asyncio.CancelledError:
+            call.end("disconnected")
+            raise
+        except Exception as exc:  # noqa: BLE001 - the call must still end
+            log.warning("session %s: finals after the disconnect were lost: %r", self.sid(), exc)
+        call.end("disconnected")
 
     def all_sessions(self) -> list["Session"]:
         return [self.session] if self.session is not None else []

@@ -6,7 +6,6 @@ shares (outbox bounds, keepalive, limits, drain) is in server/transport/connecti
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -125,18 +124,10 @@ class NativeConnection(Connection):
             self.call.end("shutdown" if drain else "session_limit")
 
     async def settle(self) -> None:
-        """A stream that names a call still delivers that call's words when its client goes
-        away without `stop` (FreeSWITCH's `uuid_audio_stream stop` just closes the socket)."""
-        if self._call_id is None or self.call is None or self.call.ended:
-            return
-        try:
-            await asyncio.wait_for(self._stop_all(), self.cfg.shutdown_timeout_s)
-        except asyncio.CancelledError:
-            self.call.end("disconnected")
-            raise
-        except Exception as exc:  # noqa: BLE001 - the call must still end
-            log.warning("session %s: finals after the disconnect were lost: %r", self.sid(), exc)
-        self.call.end("disconnected")
+        # A stream that names a call still delivers that call's words when its client goes away
+        # without `stop` (FreeSWITCH's `uuid_audio_stream stop` just closes the socket).
+        if self._call_id is not None:
+            await self.settle_call(self.call, self._stop_all)
 
     def _start(self, fields: dict) -> None:
         stream = native.build_config(

@@ -17,10 +17,8 @@ recorded as a jump of the track's clock.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
@@ -29,10 +27,11 @@ from websockets.asyncio.server import ServerConnection
 from server.audio.codecs import AudioFormatError, encode
 from server.calls.hub import CallStream
 from server.calls.track import TrackOutput
-from server.config import Config, ConfigError
+from server.config import Config
 from server.protocol import native, twilio
 from server.protocol.native import ProtocolError
 from server.protocol.twilio import TwilioError
+from server.secrets import read_secret
 from server.session import Session
 from server.stream_config import StreamConfig
 from server.transport import connection
@@ -56,20 +55,7 @@ _LOGGED_ERRORS = 5
 
 def load_auth_token(config: Config, environ: Mapping[str, str]) -> str | None:
     """The Twilio Auth Token from ``$CHORUS_TWILIO_AUTH_TOKEN`` or `twilio.auth_token_file`, or None."""
-    token = environ.get(AUTH_TOKEN_ENV, "").strip()
-    if token:
-        return token
-    if not config.twilio.auth_token_file:
-        return None
-    path = Path(config.twilio.auth_token_file).expanduser()
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-        raise ConfigError(f"twilio.auth_token_file: cannot read {str(path)!r}: {why}") from None
-    if not token:
-        raise ConfigError(f"twilio.auth_token_file: {str(path)!r} is empty")
-    return token
+    return read_secret(environ, AUTH_TOKEN_ENV, config.twilio.auth_token_file, "twilio.auth_token_file")
 
 
 def signed_urls(config: Config, host: str | None, path: str) -> list[str]:
@@ -216,11 +202,14 @@ class TwilioConnection(Connection):
         return [t.session for t in self.tracks.values()]
 
     # ------------------------------------------------------------------ ending
-    async def _end(self, reason: str) -> None:
-        """Finalise every track (their finals go out on the call), then end the call."""
+    async def _stop_tracks(self) -> None:
+        """Finalise every track: their finals go out on the call."""
         self.hold()
         for track in self.tracks.values():
             await track.session.stop()
+
+    async def _end(self, reason: str) -> None:
+        await self._stop_tracks()
         if self.call is not None:
             self.call.end(reason)
 
@@ -228,18 +217,8 @@ class TwilioConnection(Connection):
         await self._end("shutdown" if drain else "session_limit")
 
     async def settle(self) -> None:
-        """Ended without `stop` (the connection dropped, an idle timeout, a bug): the words said
-        so far still reach the application, within the shutdown budget at most."""
-        if self.call is None or self.call.ended:
-            return
-        try:
-            await asyncio.wait_for(self._end("disconnected"), self.app.config.server.shutdown_timeout_s)
-        except asyncio.CancelledError:
-            self.call.end("disconnected")
-            raise
-        except Exception as exc:  # noqa: BLE001 - the call must still end
-            log.warning("twilio call %s: finals after the disconnect were lost: %r", self.sid(), exc)
-            self.call.end("disconnected")
+        # Ended without `stop` (the connection dropped, an idle timeout, a bug).
+        await self.settle_call(self.call, self._stop_tracks)
 
 
 async def handle(app: "ChorusServer", ws: ServerConnection) -> None:
