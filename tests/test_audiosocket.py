@@ -9,6 +9,7 @@ compared with the same clips at 16 kHz over the native protocol.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ import uuid
 
 import numpy as np
 import pytest
+from websockets.asyncio.client import connect
 
 from tests.audiosocketclient import audiosocket_call, frame
 from tests.callrecorder import CallRecorder
@@ -148,15 +150,23 @@ def test_refused_when_full_and_drained_on_shutdown(whisper_runner):
         asyncio.run_coroutine_threadsafe(s.app.stop(), s.loop).result(60)
         stopped.set()
 
+    async def follow() -> tuple[list[dict], int | None]:
+        seen = []
+        async with connect(f"ws://127.0.0.1:{s.app.port}/v1/calls?call_id=*") as ws:
+            async for msg in ws:
+                seen.append(json.loads(msg))
+            return seen, ws.close_code
+
     async def main():
+        watcher = asyncio.create_task(follow())
         call = asyncio.create_task(audiosocket_call(port, u, clips_8k(CALL_A[:2]), hangup=False))
         await asyncio.sleep(1.0)
         refused = await audiosocket_call(port, uuid.uuid4(), None, hangup=False, read_timeout=5)
-        return refused, await call
+        return refused, await call, await watcher
 
     threading.Thread(target=stop_later, daemon=True).start()
     try:
-        refused, run = asyncio.run(main())
+        refused, run, (watched, watch_code) = asyncio.run(main())
         assert stopped.wait(60)
         events = recorder.wait_for(str(u), "call_ended")
         rejected = s.app.metrics.registry.get_sample_value("chorus_sessions_rejected_total", {"reason": "full"})
@@ -166,6 +176,9 @@ def test_refused_when_full_and_drained_on_shutdown(whisper_runner):
     assert rejected == 1
     assert run.closed_by_server
     check_events(events, str(u), "shutdown")
+    # A `*` subscriber got the whole call, its end included, and then the server's goodbye (1001).
+    assert watch_code == 1001
+    assert [e for e in watched[1:] if e.get("call_id") == str(u)] == events
     # About 5 s of JFK's 11 s were sent before the stop: the segment open then was finalised, so
     # its words are there, and they are the start of the clip's transcript (the last word or two
     # may be cut mid-word by the stop).

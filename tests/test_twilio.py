@@ -231,6 +231,9 @@ def test_twilio_signature_is_the_credential(whisper_runner, monkeypatch):
         assert asyncio.run(status("/v1/twilio", {"X-Twilio-Signature": signature("wrong-token", signed)})) == 403
         assert asyncio.run(status("/v1/twilio", {"X-Twilio-Signature": signature("twilio-auth-token", signed + "x")})) == 403
         assert asyncio.run(status("/v1/stream", {"X-Twilio-Signature": signature("twilio-auth-token", signed)})) == 401
+        # Subscriptions read every call's words: the Chorus token, like any stream.
+        assert asyncio.run(status("/v1/calls?call_id=*", {})) == 401
+        assert asyncio.run(status("/v1/calls?call_id=*", {"Authorization": "Bearer chorus-token"})) == 101
         good = {"X-Twilio-Signature": signature("twilio-auth-token", signed)}
         run = asyncio.run(twilio_call(base + "/v1/twilio", "CA" + "f" * 32, {"inbound": at_8k(SHORT)}, speed=3.0, headers=good))
         assert run.close_code == 1000
