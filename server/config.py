@@ -387,7 +387,8 @@ class WebhookConfig:
         "Without a secret requests are sent unsigned (and a warning is logged at startup).",
     )
     partials: bool = knob(
-        False, "Also POST `partial` events (finals and every other event type always go).",
+        False, "Also POST `partial` events (finals and every other event type always go). Telephony "
+        "calls decode partials only while someone reads them (this, or a `/v1/calls` subscriber).",
     )
     timeout_s: float = knob(10.0, "Time allowed for one POST, connection included.")
     max_attempts: int = knob(

@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -86,7 +86,10 @@ class Session:
         output: SessionOutput,
         metrics: Metrics,
         session_id: str | None = None,
+        partials_wanted: Callable[[], bool] | None = None,
     ) -> None:
+        """``partials_wanted``: asked before each partial request; when it says no, none is made
+        (a telephony track whose call has no reader of partials spends no model time on them)."""
         self.id = session_id or uuid.uuid4().hex[:16]
         self.config = config
         self.stream = stream
@@ -104,6 +107,7 @@ class Session:
         interval = max(config.batcher.partial_interval_ms, stream.partial_interval_ms or 0)
         self.partial_interval_ms = interval if (stream.interim_results and config.batcher.partial_interval_ms > 0) else 0
         self._finals: collections.deque[_PendingFinal] = collections.deque()
+        self._partials_wanted = partials_wanted
         self._partial_future: asyncio.Future | None = None
         self._last_partial_request_ms = 0
         self._partial_seq = 0
@@ -241,6 +245,8 @@ class Session:
             return
         now_ms = self.endpointer.stream_ms
         if now_ms - self._last_partial_request_ms < self.partial_interval_ms:
+            return
+        if self._partials_wanted is not None and not self._partials_wanted():
             return
         seg = self.endpointer.open_segment()
         if seg is None:

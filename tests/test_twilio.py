@@ -284,3 +284,29 @@ def test_a_call_is_one_session_and_subscribers_have_their_own_limit(whisper_runn
         refused, second_sub, later = asyncio.run(main())
     assert refused == 503 and second_sub == 503
     assert later == 101  # the slot came back when the call ended
+
+
+def test_partials_only_while_someone_reads_them(whisper_runner):
+    """A call nobody follows live (no subscriber, a webhook without partials) costs the model no
+    partial decodes; with a subscriber to every call, the same call gets partials."""
+    with ServerThread(make_config(), whisper_runner) as s:
+        recorder = s.app.calls.sink = CallRecorder()
+        url = f"ws://127.0.0.1:{s.app.port}/v1/twilio"
+        speech = {"inbound": clips_8k([JFK])}
+        asyncio.run(twilio_call(url, "CA" + "1" * 32, speech, speed=1.5))
+        partials = lambda: s.app.metrics.registry.get_sample_value("chorus_requests_total", {"kind": "partial"}) or 0.0  # noqa: E731
+        unwatched = partials()
+        assert recorder.wait_for("CA" + "1" * 32, "final") and not recorder.of("CA" + "1" * 32, "partial")
+
+        async def watched():
+            ready = asyncio.Event()
+            sub = asyncio.create_task(subscribe(s, "*", ready, timeout=30))
+            await ready.wait()
+            await twilio_call(url, "CA" + "2" * 32, speech, speed=1.5)
+            await asyncio.sleep(0.5)
+            sub.cancel()
+
+        asyncio.run(watched())
+        with_reader = partials()
+    assert unwatched == 0
+    assert with_reader > 0 and recorder.of("CA" + "2" * 32, "partial")

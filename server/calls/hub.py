@@ -43,6 +43,8 @@ EVENT_TYPES = ("call_started", "stream_started", "speech_started", "partial", "f
 class EventSink(Protocol):
     """Something that takes every call event as encoded once (the webhook)."""
 
+    wants_partials: bool  # whether it takes `partial` events (optional; absent = no)
+
     def deliver(self, call_id: str, event_type: str, event_id: str, body: bytes) -> None:
         """Queue one event; must return at once."""
 
@@ -172,6 +174,14 @@ class CallHub:
             del self._calls[call.call_id]
 
     # ------------------------------------------------------------------ subscribers
+    def wants_partials(self, call_id: str) -> bool:
+        """Whether anyone reads this call's partials now: a subscriber to it (or to every call),
+        or a webhook that takes them. Bridges ask before each partial, so a call nobody watches
+        live spends no model time on text that would be thrown away."""
+        if getattr(self.sink, "wants_partials", False):
+            return True
+        return bool(self._subscribers.get(call_id) or self._subscribers.get(ALL_CALLS))
+
     def has_room(self) -> bool:
         return self._count < self.cfg.max_subscribers and not self.closed
 

@@ -35,6 +35,10 @@ class TrackOutput:
         self._at: list[int] = [0]
         self._offset: list[int] = [offset_ms]
 
+    def wants_partials(self) -> bool:
+        """For Session(partials_wanted=...): whether anyone reads this call's partials now."""
+        return self.stream.hub.wants_partials(self.stream.call_id)
+
     # ------------------------------------------------------------------ clock
     def skip(self, session_ms: int, gap_ms: int) -> None:
         """From ``session_ms`` of the session's clock on, the call's clock is ``gap_ms`` further ahead."""

@@ -74,6 +74,7 @@ class WebhookSender:
         self.cfg = cfg
         self.secret = secret
         self.metrics = metrics
+        self.wants_partials = cfg.partials
         self._queues: dict[str, collections.deque[_Event]] = {}
         self._workers: dict[str, asyncio.Task] = {}
         self._pending = 0  # queued or in flight

@@ -124,7 +124,8 @@ class AudioSocketCall:
         stream = StreamConfig(sample_rate=rate, encoding="pcm_s16le",
                               language=self.app.config.audiosocket.language.strip().lower())
         self.output = TrackOutput(self.call, TRACK, on_error=self._session_error)
-        self.session = Session(self.app.config, stream, self.app.batcher, self.output, self.app.metrics)
+        self.session = Session(self.app.config, stream, self.app.batcher, self.output, self.app.metrics,
+                               partials_wanted=self.output.wants_partials)
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()

@@ -173,7 +173,8 @@ class TwilioConnection(Connection):
         track = self.tracks.get(msg.track)
         if track is None:
             output = TrackOutput(self.call, msg.track, on_error=self._track_error, offset_ms=msg.timestamp_ms or 0)
-            session = Session(self.app.config, self.stream_config, self.app.batcher, output, self.app.metrics)
+            session = Session(self.app.config, self.stream_config, self.app.batcher, output, self.app.metrics,
+                              partials_wanted=output.wants_partials)
             track = self.tracks[msg.track] = _Track(session, output)
         elif msg.timestamp_ms is not None:
             self._fill_gap(track, msg.timestamp_ms)
