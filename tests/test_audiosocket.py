@@ -150,15 +150,18 @@ def test_refused_when_full_and_drained_on_shutdown(whisper_runner):
         asyncio.run_coroutine_threadsafe(s.app.stop(), s.loop).result(60)
         stopped.set()
 
-    async def follow() -> tuple[list[dict], int | None]:
+    async def follow(subscribed: asyncio.Event) -> tuple[list[dict], int | None]:
         seen = []
         async with connect(f"ws://127.0.0.1:{s.app.port}/v1/calls?call_id=*") as ws:
             async for msg in ws:
                 seen.append(json.loads(msg))
+                subscribed.set()  # `*` has no history: the call must start after this
             return seen, ws.close_code
 
     async def main():
-        watcher = asyncio.create_task(follow())
+        subscribed = asyncio.Event()
+        watcher = asyncio.create_task(follow(subscribed))
+        await asyncio.wait_for(subscribed.wait(), 10)
         call = asyncio.create_task(audiosocket_call(port, u, clips_8k(CALL_A[:2]), hangup=False))
         await asyncio.sleep(1.0)
         refused = await audiosocket_call(port, uuid.uuid4(), None, hangup=False, read_timeout=5)
