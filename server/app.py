@@ -25,6 +25,7 @@ from server.calls.hub import CallHub
 from server.config import Config, ConfigError
 from server.metrics import Metrics
 from server.runners import ModelRunner, create_runner
+from server.stream_config import language_list
 from server.transport import audiosocket as audiosocket_transport
 from server.transport import calls as calls_transport
 from server.transport import funasr as funasr_transport
@@ -129,10 +130,9 @@ class ChorusServer:
                            ("audiosocket.language", self.config.audiosocket.language)):
             value = given.strip().lower()
             if supported is not None and value not in supported:
-                codes = (["auto"] if "auto" in supported else []) + sorted(c for c in supported if c != "auto")
                 raise ConfigError(
                     f"{key} is {given!r}, which the {self.runner.name} model does not support; "
-                    f"set it to one of: {', '.join(codes)}"
+                    f"set it to one of: {language_list(supported)}"
                 )
 
     # ------------------------------------------------------------------ lifecycle

@@ -35,9 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ALL_CALLS = "*"
-# Event types a bridge publishes; `partial` is the only one not kept in a call's history.
-EVENT_TYPES = ("call_started", "stream_started", "speech_started", "partial", "final", "dtmf", "metadata", "error",
-               "stream_ended", "call_ended")
 
 
 class EventSink(Protocol):

@@ -22,6 +22,7 @@ import asyncio
 import collections
 import hashlib
 import hmac
+import itertools
 import logging
 import random
 import time
@@ -121,8 +122,12 @@ class WebhookSender:
     def _victim(queue: collections.deque[_Event]) -> _Event | None:
         """The oldest waiting partial, else the oldest waiting event; never the head, which
         may be in flight."""
-        waiting = list(queue)[1:]
-        return next((e for e in waiting if e.kind == "partial"), waiting[0] if waiting else None)
+        oldest = None
+        for event in itertools.islice(queue, 1, None):  # no copy of a full queue per event
+            if event.kind == "partial":
+                return event
+            oldest = oldest or event
+        return oldest
 
     def _dropped(self, event: _Event) -> None:
         self.metrics.webhook_events.labels("dropped").inc()

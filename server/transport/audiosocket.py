@@ -185,13 +185,19 @@ class AudioSocketCall:
         if self.call is not None:
             self.call.end(reason, **fields)
             log.info("audiosocket call %s ended: %s", self.call.call_id, reason)
-        try:
-            if self._hangup:
-                self.writer.write(proto.HANGUP_FRAME)
-            self.writer.close()
-            await asyncio.wait_for(self.writer.wait_closed(), _CLOSE_TIMEOUT_S)
-        except (ConnectionError, OSError, asyncio.TimeoutError):
-            self.writer.transport.abort()
+        await _close(self.writer, hang_up=self._hangup)
+
+
+async def _close(writer: asyncio.StreamWriter, hang_up: bool) -> None:
+    """Close the socket (after the hangup frame, when Chorus ends the call); a peer that does not
+    let it close in time is aborted."""
+    try:
+        if hang_up:
+            writer.write(proto.HANGUP_FRAME)
+        writer.close()
+        await asyncio.wait_for(writer.wait_closed(), _CLOSE_TIMEOUT_S)
+    except (ConnectionError, OSError, asyncio.TimeoutError):
+        writer.transport.abort()
 
 
 async def _handle(app: "ChorusServer", reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -202,12 +208,7 @@ async def _handle(app: "ChorusServer", reader: asyncio.StreamReader, writer: asy
     if refusal is not None:
         app.metrics.sessions_rejected.labels(refusal.reason).inc()
         log.info("audiosocket call from %s refused: %s", address, refusal.message)
-        try:
-            writer.write(proto.HANGUP_FRAME)
-            writer.close()
-            await asyncio.wait_for(writer.wait_closed(), _CLOSE_TIMEOUT_S)
-        except (ConnectionError, OSError, asyncio.TimeoutError):
-            writer.transport.abort()
+        await _close(writer, hang_up=True)
         return
     call = AudioSocketCall(app, reader, writer)
     app.connections.add(call)  # type: ignore[arg-type]  # drained like a WebSocket connection

@@ -21,7 +21,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from server.calls.hub import Subscription
-from server.transport.connection import CLOSE_GRACE_S, CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, SLOW_CONSUMER
+from server.transport.connection import CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, SLOW_CONSUMER, close_or_abort
 
 if TYPE_CHECKING:
     from server.app import ChorusServer
@@ -58,19 +58,12 @@ async def _keepalive(ws: ServerConnection, interval: float) -> None:
             return
 
 
-async def _close(ws: ServerConnection, code: int, reason: str) -> None:
-    try:
-        await asyncio.wait_for(ws.close(code, reason), CLOSE_GRACE_S)
-    except asyncio.TimeoutError:
-        ws.transport.abort()
-
-
 async def handle(app: "ChorusServer", ws: ServerConnection) -> None:
     """websockets' handler for /v1/calls; process_request already checked access and call_id."""
     call_id = dict(parse_qsl(urlsplit(ws.request.path).query, keep_blank_values=True)).get("call_id", "")
     sub = app.calls.subscribe(call_id)
     if sub is None:  # the last slot went to a concurrent handshake, or the server began stopping
-        await _close(ws, CLOSE_TRY_AGAIN, "too many subscribers")
+        await close_or_abort(ws, CLOSE_TRY_AGAIN, "too many subscribers")
         return
     finished = asyncio.get_running_loop().create_future()
     app.subscriptions.add(finished)
@@ -87,16 +80,16 @@ async def handle(app: "ChorusServer", ws: ServerConnection) -> None:
             tasks.append(keepalive)
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if overflow.done():
-            await _close(ws, CLOSE_POLICY, SLOW_CONSUMER)
+            await close_or_abort(ws, CLOSE_POLICY, SLOW_CONSUMER)
         elif writer.done() and writer.exception() is None:
             # The call ended (1000), or the server is stopping after every call drained.
             if app.calls.closed:
-                await _close(ws, app.config.server.shutdown_close_code, "server shutting down")
+                await close_or_abort(ws, app.config.server.shutdown_close_code, "server shutting down")
             else:
-                await _close(ws, CLOSE_NORMAL, "call ended")
+                await close_or_abort(ws, CLOSE_NORMAL, "call ended")
         elif keepalive is not None and keepalive.done() and keepalive.exception() is None:
             log.info("a /v1/calls subscriber sent no pong in %g s; closing 1011", interval)
-            await _close(ws, CLOSE_INTERNAL, "keepalive ping timeout")
+            await close_or_abort(ws, CLOSE_INTERNAL, "keepalive ping timeout")
     except ConnectionClosed:
         pass
     finally:

@@ -260,12 +260,16 @@ class Connection:
             return
 
     async def close(self, code: int, reason: str) -> None:
-        try:
-            await asyncio.wait_for(self.ws.close(code, reason), timeout=CLOSE_GRACE_S)
-        except asyncio.TimeoutError:
-            log.warning("session %s: close handshake not completed in %g s; aborting the connection",
+        if not await close_or_abort(self.ws, code, reason):
+            log.warning("session %s: close handshake not completed in %g s; aborted the connection",
                         self.sid(), CLOSE_GRACE_S)
-            self.ws.transport.abort()
+
+    async def stop_sessions(self) -> None:
+        """Stop reading and finalise every session: their open segments are recognised and
+        every final delivered (to this client, and to the call where there is one)."""
+        self.hold()
+        for session in self.all_sessions():
+            await session.stop()
 
     async def backpressure(self) -> None:
         """Wait (not reading the socket) while a session has too many finals queued."""
@@ -324,6 +328,17 @@ class Connection:
         await self.finish(drain=False)
         self.on_error("session_limit", f"sessions last at most {limit:g} s; reconnect to go on", True)
         return CLOSE_POLICY, "session limit"
+
+
+async def close_or_abort(ws: ServerConnection, code: int, reason: str) -> bool:
+    """Close with ``code``; a client that does not complete the close handshake within
+    CLOSE_GRACE_S (it stopped reading) has its TCP connection aborted. False if aborted."""
+    try:
+        await asyncio.wait_for(ws.close(code, reason), timeout=CLOSE_GRACE_S)
+        return True
+    except asyncio.TimeoutError:
+        ws.transport.abort()
+        return False
 
 
 async def handle(app: "ChorusServer", ws: ServerConnection, conn: Connection) -> None:

@@ -22,6 +22,8 @@ from websockets.http11 import Request, Response
 
 from server.admission import Refusal
 from server.protocol.twilio import signature_valid
+from server.transport import calls as calls_transport
+from server.transport import twilio as twilio_transport
 from server.transport.twilio import signed_urls
 from server.transport.page import page_response
 
@@ -31,8 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STREAM_PATHS = ("/v1/stream",)
-TWILIO_PATH = "/v1/twilio"
-CALLS_PATH = "/v1/calls"
 
 
 def _response(status: int, reason: str, body: bytes, content_type: str) -> Response:
@@ -72,7 +72,7 @@ def make_process_request(app: "ChorusServer") -> Callable:
         page = page_response(path)
         if page is not None:
             return page
-        if path == TWILIO_PATH and app.twilio_auth_token is not None:
+        if path == twilio_transport.PATH and app.twilio_auth_token is not None:
             # Twilio can send neither a header nor a query string of ours: its signature is the credential.
             denied = _twilio_signature(app, request, path) or app.access.check_origin(request, path, secure)
         else:
@@ -81,9 +81,9 @@ def make_process_request(app: "ChorusServer") -> Callable:
             return denied
         if path == "/metrics":
             return _response(200, "OK", app.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
-        if path == CALLS_PATH:
+        if path == calls_transport.PATH:
             return _subscribe(app, request)
-        if path not in STREAM_PATHS and not (path == TWILIO_PATH and app.config.twilio.enabled):
+        if path not in STREAM_PATHS and not (path == twilio_transport.PATH and app.config.twilio.enabled):
             return json_response(404, "Not Found", {"error": "not_found", "message": "no such route; streams are at /v1/stream"})
         return _admit(app, connection, request)
 
@@ -122,8 +122,9 @@ def _twilio_signature(app: "ChorusServer", request: Request, path: str) -> Respo
 def _subscribe(app: "ChorusServer", request: Request) -> Response | None:
     """A /v1/calls handshake: the call to follow is required; subscribers use no model
     capacity, so only their own limit (and a drain) refuses them."""
-    if request.headers.get("Upgrade", "").lower() != "websocket":
-        return json_response(426, "Upgrade Required", {"error": "upgrade_required", "message": "connect with a WebSocket client"})
+    not_upgrade = _not_an_upgrade(request)
+    if not_upgrade is not None:
+        return not_upgrade
     call_ids = [v for k, v in parse_qsl(urlsplit(request.path).query, keep_blank_values=True) if k == "call_id"]
     if len(call_ids) != 1 or not call_ids[0] or len(call_ids[0]) > 128:
         return json_response(400, "Bad Request", {"error": "bad_request", "message":
@@ -139,8 +140,9 @@ def _subscribe(app: "ChorusServer", request: Request) -> Response | None:
 
 def _admit(app: "ChorusServer", connection: ServerConnection, request: Request) -> Response | None:
     """A stream handshake: refused (426/503/429) or admitted, its slot held until it closes."""
-    if request.headers.get("Upgrade", "").lower() != "websocket":
-        return json_response(426, "Upgrade Required", {"error": "upgrade_required", "message": "connect with a WebSocket client"})
+    not_upgrade = _not_an_upgrade(request)
+    if not_upgrade is not None:
+        return not_upgrade
     refusal = app.refusal() or app.admission.admit(connection, _address(connection))
     if refusal is not None:
         app.metrics.sessions_rejected.labels(refusal.reason).inc()
@@ -148,6 +150,13 @@ def _admit(app: "ChorusServer", connection: ServerConnection, request: Request) 
     # The slot is this TCP connection's until it closes, whether or not the upgrade completes.
     asyncio.get_running_loop().create_task(_release_when_closed(app, connection))
     return None
+
+
+def _not_an_upgrade(request: Request) -> Response | None:
+    """426 for a plain HTTP request to a WebSocket route, else None."""
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return None
+    return json_response(426, "Upgrade Required", {"error": "upgrade_required", "message": "connect with a WebSocket client"})
 
 
 def _address(connection: ServerConnection) -> str:

@@ -62,7 +62,7 @@ class _Channel:
 
     def on_error(self, code: str, message: str, fatal: bool) -> None:
         if self.track is not None:
-            self.track.stream.publish("error", self.track.track, {"code": code, "message": message, "fatal": fatal})
+            self.track.on_error(code, message, fatal)
         self.conn.on_error(code, message, fatal)
 
 
@@ -95,29 +95,19 @@ class NativeConnection(Connection):
         for output, name in zip(self._outputs, names):
             output.track = TrackOutput(self.call, name)
 
-    def _metadata(self, text: str) -> None:
+    def _metadata(self, metadata: dict[str, Any], size: int) -> None:
         """A bridge's metadata frame (mod_audio_stream sends the text given on its command line
         first, and more with send_text/stop): the call's metadata, never a protocol error."""
-        try:
-            parsed = json.loads(text)
-        except (ValueError, RecursionError):
-            parsed = None
-        metadata = parsed if isinstance(parsed, dict) else {"text": text}
         if self.call is None:
             self._open_call(metadata)
         elif self._call_id is not None:
             self.call.publish("metadata", None, {"metadata": metadata})
-        log.debug("session %s: metadata frame of %d characters", self.sid(), len(text))
+        log.debug("session %s: metadata frame of %d characters", self.sid(), size)
 
     # ------------------------------------------------------------------ hooks
-    async def _stop_all(self) -> None:
-        self.hold()
-        for session in self.channels:
-            await session.stop()
-
     async def finish(self, drain: bool) -> None:
         if self.channels:
-            await self._stop_all()
+            await self.stop_sessions()
             if drain:
                 self.send(native.done())
         if self.call is not None:
@@ -127,7 +117,7 @@ class NativeConnection(Connection):
         # A stream that names a call still delivers that call's words when its client goes away
         # without `stop` (FreeSWITCH's `uuid_audio_stream stop` just closes the socket).
         if self._call_id is not None:
-            await self.settle_call(self.call, self._stop_all)
+            await self.settle_call(self.call, self.stop_sessions)
 
     def _start(self, fields: dict) -> None:
         stream = native.build_config(
@@ -167,8 +157,9 @@ class NativeConnection(Connection):
         try:
             msg = native.parse_text(text)
         except ProtocolError as e:
-            if self._from_url and e.code in ("bad_json", "unknown_type") and not _has_type(text):
-                self._metadata(text)
+            metadata = _as_metadata(text) if self._from_url and e.code in ("bad_json", "unknown_type") else None
+            if metadata is not None:
+                self._metadata(metadata, len(text))
                 return None
             # A bad text message is dropped; the stream itself is still fine.
             self.on_error(e.code, e.message, False)
@@ -188,7 +179,7 @@ class NativeConnection(Connection):
         elif isinstance(msg, KeepAlive):
             pass
         elif isinstance(msg, Stop):
-            await self._stop_all()
+            await self.stop_sessions()
             self.send(native.done())
             if self.call is not None:
                 self.call.end("stop")
@@ -222,13 +213,16 @@ class NativeConnection(Connection):
             self.on_error("bad_audio", f"{e}; message dropped", False)
 
 
-def _has_type(text: str) -> bool:
-    """Whether a text frame is a JSON object with a `type`: a native message, however wrong."""
+def _as_metadata(text: str) -> dict[str, Any] | None:
+    """A text frame as metadata: a JSON object as it is, any other text as ``{"text": ...}``;
+    None for a JSON object with a `type` (a native message, however wrong)."""
     try:
         obj = json.loads(text)
     except (ValueError, RecursionError):
-        return False
-    return isinstance(obj, dict) and "type" in obj
+        return {"text": text}
+    if isinstance(obj, dict):
+        return None if "type" in obj else obj
+    return {"text": text}
 
 
 async def handle(app: "ChorusServer", ws: ServerConnection) -> None:

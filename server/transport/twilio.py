@@ -97,19 +97,20 @@ class TwilioConnection(Connection):
     # ------------------------------------------------------------------ errors
     def report(self, code: str, message: str, fatal: bool) -> None:
         # Twilio reads nothing we send: the application hears of it on the call, the operator in the log.
-        if self._errors_logged < _LOGGED_ERRORS:
-            self._errors_logged += 1
-            log.warning("twilio call %s: %s: %s%s", self.sid(), code, message,
-                        "" if self._errors_logged < _LOGGED_ERRORS else " (further errors of this call are not logged)")
+        self._log_error(code, message)
         if self.call is not None:
             self.call.publish("error", None, {"code": code, "message": message, "fatal": fatal})
 
     def _track_error(self, code: str, message: str, fatal: bool) -> None:
         # A session's error (published on the call by its TrackOutput): count and log it only.
         self.app.metrics.errors.labels(code).inc()
+        self._log_error(code, message)
+
+    def _log_error(self, code: str, message: str) -> None:
         if self._errors_logged < _LOGGED_ERRORS:
             self._errors_logged += 1
-            log.warning("twilio call %s: %s: %s", self.sid(), code, message)
+            log.warning("twilio call %s: %s: %s%s", self.sid(), code, message,
+                        "" if self._errors_logged < _LOGGED_ERRORS else " (further errors of this call are not logged)")
 
     # ------------------------------------------------------------------ messages
     async def on_text(self, text: str) -> Close | None:
@@ -136,6 +137,10 @@ class TwilioConnection(Connection):
         if self.start is not None:
             self.on_error("already_started", "a second `start` on one stream; ignored", False)
             return None
+        # The call opens either way: a bad option is an error the application sees on it.
+        self.start = msg
+        self.call = self.app.calls.open(msg.call_sid, "twilio", stream_id=msg.stream_sid,
+                                        metadata=self._metadata(msg), tracks=msg.tracks)
         try:
             fields = native.build_config(
                 twilio.options(msg.custom),
@@ -144,16 +149,10 @@ class TwilioConnection(Connection):
                 languages=self.app.runner.languages(),
             )
         except ProtocolError as e:
-            self.start = msg
-            self.call = self.app.calls.open(msg.call_sid, "twilio", stream_id=msg.stream_sid,
-                                            metadata=self._metadata(msg), tracks=msg.tracks)
             self.on_error(e.code, f"customParameters: {e.message}", True)
             self.call.end("error")
             return CLOSE_POLICY, e.code
-        self.start = msg
         self.stream_config = dataclasses.replace(fields, sample_rate=msg.sample_rate, encoding=msg.encoding)
-        self.call = self.app.calls.open(msg.call_sid, "twilio", stream_id=msg.stream_sid,
-                                        metadata=self._metadata(msg), tracks=msg.tracks)
         log.info("twilio call %s stream %s started: tracks %s, %s", msg.call_sid, msg.stream_sid,
                  ",".join(msg.tracks), {k: v for k, v in self.stream_config.to_dict().items() if k in native.CONFIG_KEYS})
         return None
@@ -203,14 +202,9 @@ class TwilioConnection(Connection):
         return [t.session for t in self.tracks.values()]
 
     # ------------------------------------------------------------------ ending
-    async def _stop_tracks(self) -> None:
-        """Finalise every track: their finals go out on the call."""
-        self.hold()
-        for track in self.tracks.values():
-            await track.session.stop()
-
     async def _end(self, reason: str) -> None:
-        await self._stop_tracks()
+        """Finalise every track (their finals go out on the call), then end the call."""
+        await self.stop_sessions()
         if self.call is not None:
             self.call.end(reason)
 
@@ -219,7 +213,7 @@ class TwilioConnection(Connection):
 
     async def settle(self) -> None:
         # Ended without `stop` (the connection dropped, an idle timeout, a bug).
-        await self.settle_call(self.call, self._stop_tracks)
+        await self.settle_call(self.call, self.stop_sessions)
 
 
 async def handle(app: "ChorusServer", ws: ServerConnection) -> None:
