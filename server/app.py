@@ -27,11 +27,14 @@ from server.metrics import Metrics
 from server.runners import ModelRunner, create_runner
 from server.stream_config import language_list
 from server.transport import audiosocket as audiosocket_transport
+from server.transport import api as api_transport
 from server.transport import calls as calls_transport
 from server.transport import funasr as funasr_transport
 from server.transport import native as native_transport
+from server.transport import realtime as realtime_transport
 from server.transport import twilio as twilio_transport
 from server.transport.access import AccessPolicy, ssl_context
+from server.transport.api import ApiServer
 from server.transport.http import make_funasr_process_request, make_process_request
 from server.transport.connection import Connection
 
@@ -63,6 +66,7 @@ class ChorusServer:
         self._server: Server | None = None
         self._funasr_server: Server | None = None
         self._audiosocket_server: asyncio.AbstractServer | None = None
+        self.api: ApiServer | None = ApiServer(self) if config.api_port is not None else None
         self._load_task: asyncio.Task | None = None
         self._monitor_task: asyncio.Task | None = None
         self._stopped = False
@@ -74,6 +78,12 @@ class ChorusServer:
 
     def refusal(self) -> Refusal | None:
         """Why no new session may start now (any client), or None."""
+        return self.availability() or self.admission.capacity_refusal()
+
+    def availability(self) -> Refusal | None:
+        """Why the model cannot take any new work now (draining, loading, failed, broken), or
+        None. Recordings (the HTTP API) are refused only for this: they wait at the lowest
+        priority instead of counting against live capacity."""
         if self.draining:
             return Refusal(503, "draining", "server is shutting down", 1)
         if self.load_error is not None:
@@ -82,7 +92,7 @@ class ChorusServer:
             return Refusal(503, "loading", "the model is still loading", 5)
         if self.batcher.broken_reason() is not None:
             return Refusal(503, "broken", "the model is unavailable")
-        return self.admission.capacity_refusal()
+        return None
 
     def liveness(self) -> str | None:
         """Why this process should be restarted, or None. Loading is alive (give it a startup
@@ -192,6 +202,19 @@ class ChorusServer:
                     "choose another with --audiosocket-port N"
                 ) from exc
             log.info("AudioSocket listener on tcp://%s:%d", cfg.host, self.audiosocket_port)
+        if self.api is not None:
+            try:
+                await self.api.start(self.config.api_port or 0, tls)
+            except OSError as exc:
+                for listener in (self._server, self._funasr_server, self._audiosocket_server):
+                    if listener is not None:
+                        listener.close()
+                raise ConfigError(
+                    f"the HTTP API cannot open port {self.config.api_port} ({exc.strerror}); "
+                    "choose another with --api-port N, or turn it off with --api-port 0"
+                ) from exc
+            log.info("HTTP API (OpenAI-compatible transcriptions) on %s://%s:%d%s", "https" if tls else "http",
+                     cfg.host, self.api.port, api_transport.TRANSCRIPTIONS_PATH)
         self._monitor_task = asyncio.create_task(self._monitor())
         self._load_task = asyncio.create_task(self._load_model())
         if wait_ready:
@@ -201,6 +224,11 @@ class ChorusServer:
     def port(self) -> int:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def api_port(self) -> int | None:
+        """The HTTP API's port, or None when it is off."""
+        return self.api.port if self.api is not None else None
 
     @property
     def funasr_port(self) -> int | None:
@@ -221,6 +249,8 @@ class ChorusServer:
         path = ws.request.path.split("?", 1)[0]
         if path == twilio_transport.PATH:
             await twilio_transport.handle(self, ws)
+        elif path == realtime_transport.PATH:
+            await realtime_transport.handle(self, ws)
         elif path == calls_transport.PATH:
             await calls_transport.handle(self, ws)
         else:
@@ -298,6 +328,9 @@ class ChorusServer:
             _, late = await asyncio.wait([c.finished for c in conns], timeout=left())
             if late:
                 log.warning("%d session(s) not drained within the shutdown timeout; closing them", len(late))
+        if self.api is not None:
+            # Running transcriptions finish (the batcher still runs); new ones get 503 meanwhile.
+            await self.api.stop(left())
         # Every call has ended (its finals published): subscribers get the rest of their events
         # and close; the webhook delivers what it holds, within the deadline.
         await self.calls.close(left())

@@ -6,7 +6,17 @@ oldest waiting request arrived, or at once when a full batch is waiting), runs t
 runner, and resolves each future on the loop with ``call_soon_threadsafe``.
 
 Policy, in order:
-- finals before partials: a batch is all finals while any final waits;
+- three priority classes: live finals, then live partials, then file segments (recordings
+  sent whole: server/files/job.py); a batch holds one class. File work fills the model's
+  time between live batches; while live sessions are active a file batch is kept short
+  (``file_live_batch_audio_s``), because a live final that arrives while it runs waits for it;
+- aging, so no class starves: a partial that has waited ``partial_max_wait_ms`` gets one
+  batch between two batches of finals, and a file segment that has waited ``file_max_wait_s``
+  one batch between two live ones, each only while its class took less than its share of
+  the model's recent time (``partial_max_share``, ``file_aged_share``);
+- file segments are batched by length: one length bucket per batch, longest first within it,
+  the bucket with the oldest waiting segment first, except that a bucket holding a full
+  batch goes ahead (full batches are the throughput);
 - at most one pending partial per session: a newer one (or the session's final)
   replaces the older, whose future resolves to ``None`` (superseded);
 - items of one length bucket per batch, so short items are not padded to long ones;
@@ -52,8 +62,12 @@ log = logging.getLogger(__name__)
 
 
 class Kind(enum.IntEnum):
+    """Priority classes, most urgent first."""
+
     FINAL = 0
     PARTIAL = 1
+    FILE = 2
+    """A segment of a recording sent whole (the transcription API, `chorus transcribe`)."""
 
 
 class BatcherStopped(RuntimeError):
@@ -74,6 +88,9 @@ _WAIT_WINDOW_S = 5.0
 LOAD_WINDOW_S = 20.0
 # Partials' share of the model's time is measured over this trailing window (see _partial_overdue).
 _SHARE_WINDOW_S = 10.0
+# Live sessions count as active for this long after their last request (file batches are kept
+# short meanwhile, see BatcherConfig.file_live_batch_audio_s).
+_LIVE_ACTIVE_S = 2.0
 
 
 @dataclass(eq=False)
@@ -125,6 +142,8 @@ class MicroBatcher:
         self._cond = threading.Condition()
         self._finals: collections.deque[Request] = collections.deque()
         self._partials: dict[Hashable, Request] = {}  # insertion-ordered: oldest first
+        self._files: list[Request] = []  # arrival order; batches are picked by length (_take_files)
+        self._live_seen = float("-inf")  # when the last live request arrived
         self._running = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -139,8 +158,10 @@ class MicroBatcher:
         self.hung_reason: str | None = None
         self._final_waits: collections.deque[tuple[float, float]] = collections.deque()  # (when, wait)
         self._aged_partials_last = False
+        self._aged_files_last = False
         self._final_calls: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds)
         self._partial_calls: collections.deque[tuple[float, float]] = collections.deque()
+        self._file_calls: collections.deque[tuple[float, float]] = collections.deque()
         self._started_at = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
@@ -155,21 +176,30 @@ class MicroBatcher:
         """Stop the worker after its current batch; fail whatever still waits."""
         with self._cond:
             self._running = False
-            left = list(self._finals) + list(self._partials.values())
-            self._finals.clear()
-            self._partials.clear()
+            left = self._waiting()
+            self._clear_waiting()
             self._cond.notify_all()
         for req in left:
             self._resolve(req, exc=BatcherStopped("server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def _waiting(self) -> list[Request]:
+        """Every waiting request (lock held)."""
+        return list(self._finals) + list(self._partials.values()) + list(self._files)
+
+    def _clear_waiting(self) -> None:
+        self._finals.clear()
+        self._partials.clear()
+        self._files.clear()
+
     # ------------------------------------------------------------------ event-loop side
     def bucket_of(self, seconds: float) -> int:
         return min(bisect.bisect_left(self.bucket_edges, seconds), len(self.bucket_edges) - 1) if self.bucket_edges else 0
 
     def submit(self, audio: np.ndarray, options: ItemOptions, kind: Kind, session: Hashable) -> asyncio.Future:
-        """Queue one item; the future resolves to a Transcript (or None for a superseded partial)."""
+        """Queue one item; the future resolves to a Transcript (or None for a superseded partial).
+        FILE items always queue: their job bounds how much of its recording waits at once."""
         assert self._loop is not None, "batcher not started"
         fut = self._loop.create_future()
         req = Request(audio, options, kind, session, fut, self.bucket_of(len(audio) / 16000.0), seq=next(self._seq))
@@ -182,7 +212,11 @@ class MicroBatcher:
                 fut.set_exception(ModelUnavailable(self.hung_reason))
                 return fut
             depth = len(self._finals) + len(self._partials)
-            if kind is Kind.PARTIAL:
+            if kind is not Kind.FILE:
+                self._live_seen = req.enqueued
+            if kind is Kind.FILE:
+                self._files.append(req)
+            elif kind is Kind.PARTIAL:
                 if depth >= self.config.max_queue and session not in self._partials:
                     self.metrics.requests_dropped.labels("partial", "overload").inc()
                     fut.set_exception(Overloaded("batcher queue full"))
@@ -215,6 +249,10 @@ class MicroBatcher:
             p = self._partials.pop(session, None)
             if p is not None:
                 gone.append(p)
+            files = [r for r in self._files if r.session == session]
+            if files:
+                self._files = [r for r in self._files if r.session != session]
+                gone += files
             self._publish_depth()
         for r in gone:
             self.metrics.requests_dropped.labels(r.kind.name.lower(), "cancelled").inc()
@@ -252,9 +290,8 @@ class MicroBatcher:
                 oldest = min(start for start, _ in stuck)
                 self.hung_reason = f"a model call has run for {now - oldest:.0f} s (watchdog {limit:g} s)"
                 log.error("model hung: %s; failing waiting requests", self.hung_reason)
-            left = [r for _, reqs in stuck for r in reqs] + list(self._finals) + list(self._partials.values())
-            self._finals.clear()
-            self._partials.clear()
+            left = [r for _, reqs in stuck for r in reqs] + self._waiting()
+            self._clear_waiting()
             self._publish_depth()
         exc = ModelUnavailable(self.hung_reason)
         for r in left:
@@ -293,16 +330,32 @@ class MicroBatcher:
         return min(1.0, busy / span)
 
     def _publish_depth(self) -> None:
-        self.metrics.queue_depth.set(len(self._finals) + len(self._partials))
+        self.metrics.queue_depth.set(len(self._finals) + len(self._partials) + len(self._files))
+        for kind, n in ((Kind.FINAL, len(self._finals)), (Kind.PARTIAL, len(self._partials)), (Kind.FILE, len(self._files))):
+            self.metrics.queue_waiting.labels(kind.name.lower()).set(n)
 
     # ------------------------------------------------------------------ worker side
     def _next_queue(self) -> list[Request]:
         """The queue the next batch comes from (lock held): finals while any wait, else
-        partials; but a partial that has waited `partial_max_wait_ms` gets one batch between
-        two batches of finals, so that under load partials thin out instead of stopping."""
+        partials, else file segments. A partial that has waited `partial_max_wait_ms` gets one
+        batch between two batches of finals, so that under load partials thin out instead of
+        stopping; a file segment that has waited `file_max_wait_s` likewise gets one batch
+        between two live ones, so file work slows under live load but never stops."""
+        if self._files and self._file_overdue():
+            return self._files
         if self._finals and not self._partial_overdue():
             return list(self._finals)
-        return list(self._partials.values()) or list(self._finals)
+        return list(self._partials.values()) or list(self._finals) or self._files
+
+    def _file_overdue(self) -> bool:
+        """Whether an aged file segment goes ahead of waiting live work (lock held)."""
+        wait = self.config.file_max_wait_s
+        if not wait or self._aged_files_last or not (self._finals or self._partials):
+            return False
+        now = time.monotonic()
+        if now - self._files[0].enqueued <= wait:
+            return False
+        return self._busy_share(self._file_calls, now, _SHARE_WINDOW_S) < self.config.file_aged_share
 
     def _partial_overdue(self) -> bool:
         """An overdue partial may go ahead of waiting finals, but only while partial calls
@@ -327,6 +380,8 @@ class MicroBatcher:
             times.append(self._finals[0].enqueued)
         if self._partials:
             times.append(next(iter(self._partials.values())).enqueued)
+        if self._files:
+            times.append(self._files[0].enqueued)
         return min(times)
 
     def _take_batch(self) -> list[Request]:
@@ -343,7 +398,9 @@ class MicroBatcher:
             return not batch or per_item * (len(batch) + 1) <= budget
 
         queue = self._next_queue()
-        if queue:
+        if queue and queue[0].kind is Kind.FILE:
+            batch = self._take_files()
+        elif queue:
             bucket = queue[0].bucket
             for r in queue:
                 if r.bucket == bucket and fits(r):  # fits() reads the batch as it grows
@@ -354,9 +411,44 @@ class MicroBatcher:
             else:
                 for r in batch:
                     del self._partials[r.session]
-            # A partial batch taken while finals wait was an overdue one: finals go next.
+        if batch:
+            # A partial batch taken while finals wait was an overdue one: finals go next; and
+            # a file batch taken while live work waits was an aged one: live work goes next.
             self._aged_partials_last = batch[0].kind is Kind.PARTIAL and bool(self._finals)
+            self._aged_files_last = batch[0].kind is Kind.FILE and bool(self._finals or self._partials)
         self._publish_depth()
+        return batch
+
+    def _take_files(self) -> list[Request]:
+        """A batch of file segments (lock held), by length: the bucket of the oldest waiting
+        segment, unless some bucket holds a full batch (that one goes first; the oldest
+        segment's bucket is taken once it has waited `file_max_wait_s`); longest first within
+        the bucket, so a batch pads as little as it can. While live sessions are active the
+        batch holds at most `file_live_batch_audio_s` of audio (at least one segment)."""
+        now = time.monotonic()
+        by_bucket: dict[int, list[Request]] = {}
+        for r in self._files:
+            by_bucket.setdefault(r.bucket, []).append(r)
+        oldest = self._files[0]
+        bucket = oldest.bucket
+        wait = self.config.file_max_wait_s
+        if not (wait and now - oldest.enqueued > wait):
+            full = [b for b, rs in by_bucket.items() if len(rs) >= self.max_batch]
+            if full and bucket not in full:
+                bucket = min(full, key=lambda b: by_bucket[b][0].seq)
+        live = now - self._live_seen < _LIVE_ACTIVE_S
+        budget = self.config.file_live_batch_audio_s if live else self.config.max_batch_audio_s
+        edge = self.bucket_edges
+        batch: list[Request] = []
+        for r in sorted(by_bucket[bucket], key=lambda r: -len(r.audio)):
+            if len(batch) >= self.max_batch:
+                break
+            per_item = edge[r.bucket] if edge else r.seconds
+            if batch and per_item * (len(batch) + 1) > budget:
+                break
+            batch.append(r)
+        taken = set(map(id, batch))
+        self._files = [r for r in self._files if id(r) not in taken]
         return batch
 
     def _wait_for_batch(self, block: bool) -> list[Request] | None:
@@ -365,11 +457,11 @@ class MicroBatcher:
         else an empty list, so the worker collects the running batch instead of waiting."""
         with self._cond:
             if block:
-                while self._running and not (self._finals or self._partials):
+                while self._running and not (self._finals or self._partials or self._files):
                     self._cond.wait()
             if not self._running:
                 return None
-            if not (self._finals or self._partials):
+            if not (self._finals or self._partials or self._files):
                 return []
             # Deadline window from the oldest waiting request, not a sleep-poll loop.
             deadline = self._oldest_enqueued() + self.wait_s
@@ -476,8 +568,10 @@ class MicroBatcher:
             if ok:
                 if started is not None and started[1]:
                     end = time.monotonic()
-                    busy = self._final_calls if started[1][0].kind is Kind.FINAL else self._partial_calls
+                    kind = started[1][0].kind
+                    busy = {Kind.FINAL: self._final_calls, Kind.PARTIAL: self._partial_calls}.get(kind, self._file_calls)
                     busy.append((end, end - started[0]))
+                    self.metrics.model_busy_seconds.labels(kind.name.lower()).inc(end - started[0])
                 self.consecutive_failures = 0
                 if self.hung_reason is not None and not self._calls:
                     log.warning("model recovered: the call the watchdog flagged has returned")
@@ -512,6 +606,7 @@ class MicroBatcher:
         took = time.monotonic() - inflight.start
         audio_s = sum(r.seconds for r in batch)
         self.batches_run += 1
+        self.metrics.batches.labels(batch[0].kind.name.lower()).inc()
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_audio_seconds.observe(audio_s)
         self.metrics.model_seconds.observe(took)

@@ -8,9 +8,12 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from server.config import Config, ConfigError, describe, load_config
+
+if TYPE_CHECKING:
+    from server.files.client import LocalTranscriber, Progress, Transcriber
 
 log = logging.getLogger("chorus")
 
@@ -29,7 +32,7 @@ def _config(args: argparse.Namespace) -> Config:
     overrides = _parse_sets(args.set or [])
     for flag, key in (("host", "server.host"), ("port", "server.port"), ("device", "runner.device"), ("model", "runner.model"),
                       ("tls_cert", "server.tls_cert"), ("tls_key", "server.tls_key"), ("funasr_port", "funasr.port"),
-                      ("audiosocket_port", "audiosocket.port"), ("webhook_url", "webhook.url")):
+                      ("audiosocket_port", "audiosocket.port"), ("webhook_url", "webhook.url"), ("api_port", "api.port")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = str(value)
@@ -41,24 +44,61 @@ def _setup_logging(level: str) -> None:
 
 
 # ---------------------------------------------------------------------- transcribe
-def _segments_for(audio, runner_max_s: float, config: Config):
-    """Whole file if it fits the model; else cut at pauses with the same endpointer the server uses."""
-    import numpy as np
-
-    from server.vad.endpointer import Endpointer, EndpointerSettings, SegmentEnded
-
-    if len(audio) / 16000.0 <= runner_max_s:
-        return [(0, audio)]
-    max_ms = int(min(config.vad.max_segment_ms, runner_max_s * 1000))
-    ep = Endpointer(EndpointerSettings.from_config(config.vad, max_segment_ms=max_ms))
-    events = ep.feed(np.asarray(audio, dtype=np.float32)) + ep.flush()
-    return [(e.start_ms, e.audio) for e in events if isinstance(e, SegmentEnded)]
-
-
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from server.audio.codecs import AudioFormatError
-    from server.audio.wavfile import load_audio_16k
-    from server.runners import ItemError, ItemOptions, RunnerError, Transcript, create_runner
+    """Recordings of any format -> text, JSON or subtitles: here on the loaded model (the
+    server's file path: cut at pauses, batched across files), or by a server (--server)."""
+    import asyncio
+    import os
+
+    from server.files.client import EXTENSIONS, Progress, RemoteTranscriber
+
+    fmt = "legacy_json" if args.json else args.format
+    several = len(args.files) > 1
+    if args.output_dir is None and several and fmt in ("srt", "vtt"):
+        print(f"error: {fmt} subtitles are one file's: write several files' with --output-dir DIR", file=sys.stderr)
+        return 2
+    if args.output_dir is not None:
+        stems = [p.stem for p in args.files]
+        clash = sorted({s for s in stems if stems.count(s) > 1})
+        if clash:
+            print(f"error: --output-dir would write {clash[0]}.{EXTENSIONS[fmt]} for two files; run them apart",
+                  file=sys.stderr)
+            return 2
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    status = 0
+    paths = []
+    for path in args.files:
+        if path.is_file():
+            paths.append(path)
+        else:
+            print(f"error: {path}: no such file", file=sys.stderr)
+            status = 1
+    if not paths:
+        return status
+    progress = Progress(sys.stderr.isatty() if args.progress is None else args.progress)
+
+    if args.server:
+        try:
+            transcriber = RemoteTranscriber(args.server, args.language, args.token or os.environ.get("CHORUS_TOKEN"))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        built = _local_transcriber(args, fmt)
+        if isinstance(built, int):
+            return built
+        transcriber = built
+    try:
+        failed = asyncio.run(_transcribe_all(transcriber, paths, fmt, several, args.output_dir, progress))
+    except KeyboardInterrupt:
+        return 130
+    return 1 if failed or status else 0
+
+
+def _local_transcriber(args: argparse.Namespace, fmt: str) -> "LocalTranscriber | int":
+    """The loaded model behind the server's file path, or the exit status when it cannot load."""
+    from server.files.client import LocalTranscriber
+    from server.runners import ItemOptions, RunnerError, create_runner
 
     config = _config(args)
     runner = create_runner(config.runner, max_batch_size=max(1, config.batcher.max_batch_size))
@@ -74,47 +114,37 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         print(f"error: --language {args.language!r} is not supported by this model; use one of {', '.join(sorted(supported))}",
               file=sys.stderr)
         return 2
-    status = 0
-    opts = ItemOptions(language=args.language)
-    for path in args.files:
-        try:
-            audio = load_audio_16k(path)
-        except (AudioFormatError, OSError) as e:
-            print(f"error: {path}: {e}", file=sys.stderr)
-            status = 1
-            continue
-        pieces = _segments_for(audio, runner.max_item_seconds, config)
-        t0 = time.monotonic()
-        results = []
-        step = max(1, config.batcher.max_batch_size)
-        for i in range(0, len(pieces), step):
-            chunk = pieces[i : i + step]
-            results.extend(runner.transcribe([a for _, a in chunk], [opts] * len(chunk)))
-        took = time.monotonic() - t0
-        for (start_ms, _), r in zip(pieces, results):
-            if isinstance(r, ItemError):
-                print(f"error: {path}: segment at {start_ms} ms: {r}", file=sys.stderr)
-                status = 1
-        results = [r if not isinstance(r, ItemError) else Transcript("", None, {"error": r.code}) for r in results]
-        text = " ".join(r.text for r in results if r.text).strip()
-        if args.json:
-            print(json.dumps({
-                "file": str(path),
-                "text": text,
-                "seconds": round(len(audio) / 16000.0, 3),
-                "compute_s": round(took, 3),
-                "segments": [
-                    {"start_ms": s, "text": r.text, "language": r.language,
-                     "words": [{"word": w.word, "start_ms": s + w.start_ms, "end_ms": s + w.end_ms} for w in r.words or ()],
-                     **{k: v for k, v in r.fields.items() if isinstance(v, (str, int, float, bool))}}
-                    for (s, _), r in zip(pieces, results)
-                ],
-            }, ensure_ascii=False))
-        elif len(args.files) > 1:
-            print(f"{path}: {text}")
-        else:
-            print(text)
-    return status
+    # Word timings cost an alignment pass: only for outputs that show them (subtitle cues are cut at word gaps).
+    return LocalTranscriber(runner, config, ItemOptions(language=args.language, words=fmt != "text"))
+
+
+async def _transcribe_all(transcriber: "Transcriber", paths: list[Path], fmt: str, several: bool, output_dir: Path | None,
+                          progress: "Progress") -> bool:
+    """Print (or write) each file's result in order; True when any file or segment failed."""
+    from server.files.client import EXTENSIONS, ServerUnreachable, render, transcribe_files
+
+    failed = False
+    try:
+        async with transcriber:
+            async for result in transcribe_files(transcriber, paths, progress):
+                if result.transcript is None:
+                    print(f"error: {result.path}: {result.error}", file=sys.stderr)
+                    failed = True
+                    continue
+                for s in result.transcript.segments:
+                    if s.error:
+                        print(f"error: {result.path}: the segment at {s.start_ms} ms failed ({s.error})", file=sys.stderr)
+                        failed = True
+                if output_dir is None:
+                    progress.write(render(result, fmt, several))
+                else:
+                    out = output_dir / f"{result.path.stem}.{EXTENSIONS[fmt]}"
+                    out.write_text(render(result, fmt, False), encoding="utf-8")
+                    progress.write(f"{result.path} -> {out}\n", sys.stderr)
+    except ServerUnreachable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return True
+    return failed
 
 
 # ---------------------------------------------------------------------- serve / doctor / config
@@ -170,11 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", help="shortcut for --set runner.device=...")
         sp.add_argument("--model", help="shortcut for --set runner.model=...")
 
-    t = sub.add_parser("transcribe", help="print the text of WAV files")
+    t = sub.add_parser("transcribe", help="print the text (or subtitles) of recordings: wav, flac, mp3, m4a, ogg/opus, webm")
     common(t)
     t.add_argument("files", nargs="+", type=Path)
     t.add_argument("--language", default="auto", help="language code or auto (default)")
-    t.add_argument("--json", action="store_true", help="one JSON object per file, with segments, their words (times in ms from the file's start) and model fields")
+    shape = t.add_mutually_exclusive_group()
+    shape.add_argument("--format", "-f", choices=("text", "json", "verbose_json", "srt", "vtt"), default="text",
+                       help="output as the transcription API writes it (default text; several files: `path: text` lines)")
+    shape.add_argument("--json", action="store_true",
+                       help="one JSON object per file, with segments, their words (times in ms from the file's start) and model fields")
+    t.add_argument("--output-dir", "-o", type=Path, metavar="DIR",
+                   help="write each file's output to DIR/<name>.<txt|json|srt|vtt> instead of stdout")
+    t.add_argument("--server", metavar="URL",
+                   help="send the files to a running server's HTTP API (e.g. http://127.0.0.1:8766) instead of loading a model here")
+    t.add_argument("--token", help="with --server: the server's access token (default $CHORUS_TOKEN)")
+    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar per file on stderr (default: when stderr is a terminal)")
     t.set_defaults(func=cmd_transcribe)
 
     s = sub.add_parser("serve", help="run the streaming server")
@@ -183,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument("--funasr-port", type=int, metavar="N",
                    help="port of the FunASR-compatible listener (default 10095; 0 turns it off; shortcut for --set funasr.port=N)")
+    s.add_argument("--api-port", type=int, metavar="N",
+                   help="port of the HTTP API for recordings, OpenAI-compatible (default: the main port + 1; 0 turns it off; "
+                        "shortcut for --set api.port=N)")
     s.add_argument("--audiosocket-port", type=int, metavar="PORT",
                    help="TCP port of the Asterisk AudioSocket listener (default off; shortcut for --set audiosocket.port=PORT)")
     s.add_argument("--webhook-url", metavar="URL",

@@ -208,6 +208,23 @@ class BatcherConfig:
         "calls took less than this share of the model's last 10 s: under overload finals keep the "
         "rest, and every session's partials come less often.",
     )
+    file_max_wait_s: float = knob(
+        10.0, "File segments (recordings sent whole: the transcription API, `chorus transcribe`) run "
+        "after live finals and partials; one that has waited this long gets one batch between two "
+        "live ones (see `file_aged_share`), so file work slows under live load but never stops. "
+        "Also: a length bucket holding a full batch goes ahead of the oldest segment's bucket only "
+        "until that segment has waited this long. 0 = files only when no live work waits.",
+    )
+    file_aged_share: float = knob(
+        0.2, "Aged file batches (see `file_max_wait_s`) go ahead of waiting live work only while file "
+        "calls took less than this share of the model's last 10 s.",
+    )
+    file_live_batch_audio_s: float = knob(
+        30.0, "Most audio seconds (padded) in one file batch while live sessions are active (a live "
+        "request in the last 2 s): a live final that arrives while a file batch runs waits for it, so "
+        "this bounds that wait. At least one segment always goes. Without live traffic file batches "
+        "use `max_batch_audio_s`.",
+    )
     watchdog_s: float = knob(
         60.0, "A model call running longer than this marks the model hung: /livez and /healthz turn "
         "503 (so an orchestrator restarts the process) and every waiting request fails with "
@@ -410,6 +427,51 @@ class WebhookConfig:
 
 
 @dataclass(frozen=True)
+class FilesConfig:
+    max_segment_s: float = knob(
+        30.0, "A recording is cut at pauses (the `vad` settings) into segments of at most this many "
+        "seconds, and at most the model's window (Whisper: 30 s).",
+    )
+    max_audio_s: float = knob(
+        14400.0, "Longest recording accepted, in seconds of audio; a longer one is refused (HTTP 413 "
+        "from the API) as soon as its decode passes this.",
+    )
+    max_pending_audio_s: float = knob(
+        300.0, "Audio of one recording handed to the batcher and not yet recognised, in seconds; past "
+        "it the recording's decoding pauses. Bounds a job's memory (about 64 KB per second) while "
+        "keeping enough of it queued for full batches.",
+    )
+    decode_threads: int = knob(
+        2, "Worker threads that decode, resample and cut recordings (one per recording at a time); "
+        "further recordings wait for a thread.",
+    )
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    port: int = knob(
+        -1, "Port of the HTTP API (OpenAI-compatible `POST /v1/audio/transcriptions`, `GET /v1/models`; "
+        "docs/api.md), on `server.host`, with the same token auth, Origins and TLS as the main port. "
+        "-1 = the main port + 1 (8766 by default; any free port when `server.port` is 0); 0 turns it off.",
+    )
+    max_upload_bytes: int = knob(
+        512 << 20, "Largest upload accepted (OpenAI's own limit is 25 MB; an hour of 16 kHz 16-bit "
+        "WAV is 115 MB); a larger one gets HTTP 413. Uploads are spooled to a temporary file, not "
+        "held in memory.",
+    )
+    max_concurrent_requests: int = knob(
+        64, "Transcription requests in progress at once (uploading, waiting or transcribing); the "
+        "next gets HTTP 503 with Retry-After.",
+    )
+    model_names: tuple[str, ...] = knob(
+        ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-4o-transcribe-diarize"),
+        "Model names a request may give (besides `chorus` and the runner's own name, e.g. "
+        "`whisper`); each maps to the loaded model. Listed by `GET /v1/models`; another name gets "
+        "HTTP 400 `model_not_found`.",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = knob(ServerConfig(), "Network listener and session limits.")
     funasr: FunasrListenerConfig = knob(FunasrListenerConfig(), "The FunASR-compatible listener (docs/funasr.md).")
@@ -417,10 +479,21 @@ class Config:
     audiosocket: AudioSocketConfig = knob(AudioSocketConfig(), "The Asterisk AudioSocket listener (docs/telephony.md).")
     calls: CallsConfig = knob(CallsConfig(), "Call transcripts for live subscribers (`/v1/calls`, docs/telephony.md).")
     webhook: WebhookConfig = knob(WebhookConfig(), "Call transcripts POSTed to your application (docs/telephony.md).")
+    api: ApiConfig = knob(ApiConfig(), "The HTTP API for recordings (OpenAI-compatible, docs/api.md).")
+    files: FilesConfig = knob(FilesConfig(), "How recordings sent whole are cut and queued.")
     vad: VadConfig = knob(VadConfig(), "Endpointing: how audio is cut into segments.")
     batcher: BatcherConfig = knob(BatcherConfig(), "Central micro-batcher.")
     runner: RunnerConfig = knob(RunnerConfig(), "The model.")
     log_level: str = knob("INFO", "Python logging level.")
+
+    @property
+    def api_port(self) -> int | None:
+        """The port the HTTP API listens on (0 = any free port), or None when it is off."""
+        if self.api.port == 0:
+            return None
+        if self.api.port == -1:
+            return self.server.port + 1 if self.server.port else 0
+        return self.api.port
 
 
 # --------------------------------------------------------------------------- loading
@@ -522,6 +595,15 @@ def validate(cfg: Config) -> None:
         problems.append("funasr.port must differ from server.port (or be 0, off)")
     if cfg.funasr.max_file_bytes < 1 << 16:
         problems.append("funasr.max_file_bytes must be >= 65536")
+    if not -1 <= cfg.api.port <= 65535 or (cfg.api.port == -1 and cfg.server.port == 65535):
+        problems.append("api.port must be -1 (the main port + 1), 0 (off) or a port number")
+    if cfg.api_port and cfg.api_port in (cfg.server.port, cfg.funasr.port, cfg.audiosocket.port):
+        problems.append(f"the HTTP API port ({cfg.api_port}; api.port -1 is the main port + 1) must differ from server.port, "
+                        "funasr.port and audiosocket.port: set api.port (0 = off)")
+    if cfg.api.max_upload_bytes < 1 << 16 or cfg.api.max_concurrent_requests < 1:
+        problems.append("api.max_upload_bytes must be >= 65536 and api.max_concurrent_requests >= 1")
+    if cfg.files.max_segment_s < 1 or cfg.files.max_audio_s <= 0 or cfg.files.max_pending_audio_s <= 0 or cfg.files.decode_threads < 1:
+        problems.append("files.max_segment_s must be >= 1, files.max_audio_s and max_pending_audio_s > 0, decode_threads >= 1")
     if not 0 <= cfg.audiosocket.port <= 65535:
         problems.append("audiosocket.port must be 0 (off) or a port number")
     if cfg.audiosocket.port and cfg.audiosocket.port in (cfg.server.port, cfg.funasr.port):
@@ -536,6 +618,8 @@ def validate(cfg: Config) -> None:
         problems.append("calls.history_events, retain_s and max_subscribers must be >= 0")
     if cfg.server.max_text_message_bytes < 1024:
         problems.append("server.max_text_message_bytes must be >= 1024")
+    if not 0 <= cfg.batcher.file_aged_share <= 1 or cfg.batcher.file_max_wait_s < 0 or cfg.batcher.file_live_batch_audio_s <= 0:
+        problems.append("batcher.file_aged_share must be within 0..1, file_max_wait_s >= 0, file_live_batch_audio_s > 0")
     if not 0 <= cfg.batcher.partial_max_share <= 1:
         problems.append("batcher.partial_max_share must be within 0..1")
     if not 0 <= cfg.server.admission_max_model_load <= 1:

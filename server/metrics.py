@@ -60,6 +60,23 @@ class Metrics:
         )
         self.batch_splits = Counter("chorus_batch_splits", "Batches split in halves after running out of device memory.", registry=r)
         self.queue_depth = Gauge("chorus_batcher_queue_depth", "Requests waiting in the batcher.", registry=r)
+        self.api_requests = Counter(
+            "chorus_api_requests", "HTTP API requests answered, by route and status (499: the client went away).",
+            ["route", "status"], registry=r,
+        )
+        self.file_audio_seconds = Counter(
+            "chorus_file_audio_seconds", "Audio of recordings transcribed through the HTTP API, in seconds.", registry=r,
+        )
+        self.queue_waiting = Gauge(
+            "chorus_batcher_waiting", "Requests waiting in the batcher, by priority class (final, partial, file).",
+            ["kind"], registry=r,
+        )
+        self.batches = Counter("chorus_batches", "Model calls completed, by priority class (final, partial, file).",
+                               ["kind"], registry=r)
+        self.model_busy_seconds = Counter(
+            "chorus_model_busy_seconds", "Wall time of completed model calls, by priority class (final, partial, file).",
+            ["kind"], registry=r,
+        )
         self.model_ready = Gauge("chorus_model_ready", "1 once the model is loaded and warm.", registry=r)
         self.model_healthy = Gauge(
             "chorus_model_healthy", "0 while the model is broken (calls failing in a row) or hung (watchdog); else 1.",

@@ -7,6 +7,7 @@ requests go into which call; the real-model paths are covered by test_server.py.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -412,3 +413,125 @@ def test_under_overload_partials_thin_out_but_do_not_stop():
     partials = during.count("P")
     assert partials >= 2, f"partials stopped under overload: {''.join(during)}"
     assert partials <= 0.4 * len(during), f"partials took more than their share: {''.join(during)}"
+
+
+# ---------------------------------------------------------------------- file segments (lowest priority)
+def test_live_finals_then_partials_then_file_segments():
+    async def main():
+        r = RecordingRunner()
+        r.gate.clear()
+        b = make(r, max_batch_size=8, batch_wait_ms=1.0)
+        b.start(asyncio.get_running_loop())
+        blocker = b.submit(audio(0.5), ItemOptions(), Kind.FINAL, "z")  # occupies the worker
+        await asyncio.sleep(0.05)
+        files = [b.submit(audio(1.0 + i * 0.1), ItemOptions(), Kind.FILE, "job") for i in range(3)]
+        partial = b.submit(audio(1.5), ItemOptions(), Kind.PARTIAL, "s1")
+        final = b.submit(audio(1.9), ItemOptions(), Kind.FINAL, "s2")
+        r.gate.set()
+        out = await asyncio.gather(blocker, *files, partial, final)
+        b.stop()
+        return r, out
+
+    r, out = run(main())
+    assert [t.text for t in out[1:4]] == ["16000", "17600", "19200"]  # each future gets its own item's result
+    assert r.batches[1:] == [[30400], [24000], [19200, 17600, 16000]]  # final, partial, then files (longest first)
+
+
+def test_file_segments_batch_by_length_and_a_full_bucket_goes_first():
+    async def main():
+        r = RecordingRunner()
+        r.gate.clear()
+        b = make(r, max_batch_size=4, batch_wait_ms=1.0)
+        b.start(asyncio.get_running_loop())
+        blocker = b.submit(audio(0.5), ItemOptions(), Kind.FILE, "z")  # no live session: full-size file batches
+        await asyncio.sleep(0.05)
+        lengths = [20.0, 1.0, 4.0, 1.5, 25.0, 1.2, 3.0, 1.8]  # buckets: <=2 s x4, <=5 s x2, <=30 s x2
+        futs = [b.submit(audio(s), ItemOptions(), Kind.FILE, f"job{i % 2}") for i, s in enumerate(lengths)]
+        r.gate.set()
+        await asyncio.gather(blocker, *futs)
+        b.stop()
+        return r
+
+    r = run(main())
+    seconds = [[n / 16000 for n in bt] for bt in r.batches[1:]]
+    # The <=2 s bucket holds a full batch: it goes before the older 20 s segment's bucket. Then
+    # the oldest waiting segment's bucket (20 s, 25 s), then the rest; longest first in each.
+    assert seconds == [[1.8, 1.5, 1.2, 1.0], [25.0, 20.0], [4.0, 3.0]], seconds
+
+
+def test_file_batches_stay_short_while_live_sessions_are_active():
+    async def main(live: bool):
+        r = RecordingRunner()
+        r.gate.clear()
+        b = make(r, max_batch_size=8, batch_wait_ms=1.0, max_batch_audio_s=240.0, file_live_batch_audio_s=60.0)
+        b.start(asyncio.get_running_loop())
+        blocker = b.submit(audio(0.5), ItemOptions(), Kind.FINAL if live else Kind.FILE, "z")
+        await asyncio.sleep(0.05)
+        futs = [b.submit(audio(20.0), ItemOptions(), Kind.FILE, "job") for _ in range(6)]
+        r.gate.set()
+        await asyncio.gather(blocker, *futs)
+        b.stop()
+        return [len(bt) for bt in r.batches[1:]]
+
+    # 30 s bucket edge: 60 s of padded audio = 2 items per call while a live session was seen.
+    assert run(main(live=True)) == [2, 2, 2]
+    assert run(main(live=False)) == [6]
+
+
+def test_file_work_slows_under_live_overload_but_does_not_stop():
+    """Finals always waiting: strict priority would never run a file segment. An aged one gets a
+    batch, within `file_aged_share` of the model's time."""
+    runner = RecordingRunner(delay=0.05)
+    # 0.05 s calls, a 10 s share window: at most 0.05 * 10 / 0.05 = 10 aged file calls in it.
+    b = make(runner, max_batch_size=1, file_max_wait_s=0.1, file_aged_share=0.05, batch_wait_ms=1.0,
+             partial_max_wait_ms=0)
+    ran: list[str] = []
+
+    async def main() -> None:
+        b.start(asyncio.get_running_loop())
+        b._started_at -= 10
+        try:
+            files = [b.submit(audio(1.0), ItemOptions(), Kind.FILE, "job") for _ in range(20)]
+            for f in files:
+                f.add_done_callback(lambda f: f.exception() is None and ran.append("f"))
+            deadline = time.monotonic() + 2.5
+            i = 0
+            while time.monotonic() < deadline:
+                while len(b._finals) < 3:  # finals always waiting
+                    b.submit(audio(1.0), ItemOptions(), Kind.FINAL, f"s{i}").add_done_callback(
+                        lambda f: f.exception() is None and ran.append("F"))  # not those failed by stop()
+                    i += 1
+                await asyncio.sleep(0.01)
+        finally:
+            b.stop()
+
+    run(main())
+    during = ran[: len(ran) - ran[::-1].index("F")]
+    files = during.count("f")
+    assert files >= 2, f"file work stopped under live overload: {''.join(during)}"
+    assert files <= 11 and files <= 0.3 * len(during), f"file work took more than its share: {''.join(during)}"
+
+
+def test_a_cancelled_job_drops_its_file_segments_and_metrics_count_each_class():
+    async def main():
+        r = RecordingRunner()
+        r.gate.clear()
+        b = make(r, max_batch_size=8, batch_wait_ms=1.0)
+        b.start(asyncio.get_running_loop())
+        blocker = b.submit(audio(0.5), ItemOptions(), Kind.FINAL, "z")
+        await asyncio.sleep(0.05)
+        gone = [b.submit(audio(1.0), ItemOptions(), Kind.FILE, "gone") for _ in range(3)]
+        kept = b.submit(audio(1.5), ItemOptions(), Kind.FILE, "kept")
+        assert b.cancel_session("gone") == 3
+        r.gate.set()
+        await asyncio.gather(blocker, kept)
+        b.stop()
+        return r, b, gone
+
+    r, b, gone = run(main())
+    assert all(f.cancelled() for f in gone) and r.batches[1:] == [[24000]]
+    text = b.metrics.render().decode()
+    assert 'chorus_requests_dropped_total{kind="file",why="cancelled"} 3.0' in text
+    assert 'chorus_batches_total{kind="file"} 1.0' in text and 'chorus_batches_total{kind="final"} 1.0' in text
+    assert 'chorus_requests_total{kind="file"} 4.0' in text
+    assert re.search(r'chorus_model_busy_seconds_total\{kind="file"\} [0-9.e-]+', text)

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 from server.audio.resample import STANDARD_RATES
 from server.runners.base import Word
+from server.spacing import CJK, joiner  # noqa: F401 - joiner is part of this codec's API
 
 MODES = ("online", "offline", "2pass")
 # Echoed in every result, so bounded.
@@ -38,11 +39,8 @@ _WAV_NAME_CHARS = 256
 _HOTWORDS_CHARS = 8192
 _LANGUAGE_RE = re.compile(r"[a-z-]{2,8}")
 # Scripts written without spaces between words (Chinese, Japanese): one timestamp, and one
-# agreement unit, per character. Korean puts spaces between words, so it is not among them.
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-# Their punctuation (、。「」，！？ ...): no space next to it either.
-_CJK_PUNCT = "\u3000-\u303f\uff00-\uffef"
-_NO_SPACE_RE = re.compile(f"[{_CJK}{_CJK_PUNCT}]")
+# agreement unit, per character.
+_CJK = CJK
 # Punctuation that ends a stamp_sents sentence (FunASR cuts at commas too).
 _PUNCT = ",.?!;:，。？！；：、…"
 # Marks around words that are not words: quotes and brackets, ASCII and CJK.
@@ -251,16 +249,6 @@ def units(text: str) -> list[str]:
 def _bare(token: str) -> str:
     """A token without its punctuation and quote marks ("" if it is nothing else)."""
     return token.strip().strip(_PUNCT + _MARKS)
-
-
-def joiner(before: str, after: str) -> str:
-    """The space between two pieces of text a client will concatenate: none for Chinese and
-    Japanese, written without spaces, or when either side is empty or has one already."""
-    if not before or not after or before[-1].isspace() or after[0].isspace():
-        return ""
-    if _NO_SPACE_RE.match(before[-1]) or _NO_SPACE_RE.match(after[0]):
-        return ""
-    return " "
 
 
 class OnlineText:

@@ -23,6 +23,7 @@ from websockets.http11 import Request, Response
 from server.admission import Refusal
 from server.protocol.twilio import signature_valid
 from server.transport import calls as calls_transport
+from server.transport import realtime as realtime_transport
 from server.transport import twilio as twilio_transport
 from server.transport.twilio import signed_urls
 from server.transport.page import page_response
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STREAM_PATHS = ("/v1/stream",)
+STREAM_PATHS = ("/v1/stream", realtime_transport.PATH)
 
 
 def _response(status: int, reason: str, body: bytes, content_type: str) -> Response:

@@ -1,0 +1,1 @@
+"""Recordings sent whole: cut at pauses, batched at low priority, stitched back in order."""

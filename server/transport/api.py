@@ -1,0 +1,394 @@
+"""The HTTP API for recordings: OpenAI's `POST /v1/audio/transcriptions` and `GET /v1/models`.
+
+Served by aiohttp on its own port (`api.port`, the main port + 1 by default) on the same
+event loop as the WebSocket listener: websockets' server owns the main port's connections
+and reads no request bodies, and an upload is a request body. Access is the main port's
+(server/transport/access.py: token, Origins, TLS); a browser page of an allowed Origin
+also gets the CORS headers it needs to read the answer.
+
+An upload is spooled to a temporary file as it arrives (never held in memory whole), then
+transcribed by a ``FileJob`` (server/files/job.py): decoded in a worker thread, cut at
+pauses, batched at the lowest priority with every other recording's segments, stitched
+back in order. With ``stream=true`` the answer is server-sent events, one per segment as
+soon as it and every earlier one are done. A client that goes away cancels its job's
+queued work. Errors are OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, Awaitable, Callable
+
+from aiohttp import BodyPartReader, web
+from websockets.datastructures import Headers
+from websockets.http11 import Request as WsRequest
+
+from server import incidents
+from server.files import formats
+from server.files.job import FileError, FileJob, FileTranscript, Segment, segment_settings
+from server.runners.base import ItemOptions
+from server.spacing import joiner
+from server.stream_config import language_list
+from server.vad.endpointer import EndpointerSettings
+
+if TYPE_CHECKING:
+    from server.app import ChorusServer
+
+log = logging.getLogger(__name__)
+
+TRANSCRIPTIONS_PATH = "/v1/audio/transcriptions"
+MODELS_PATH = "/v1/models"
+_CHUNK = 1 << 16
+_SPOOL_IN_MEMORY = 1 << 20  # uploads up to this stay in memory; larger ones go to disk
+_FIELD_LIMIT = 64 << 10  # bytes of one non-file form field (a prompt is the longest)
+# Model names a request may always give, besides `api.model_names` and the runner's own name.
+_OWN_MODEL = "chorus"
+_ROUTES = frozenset({TRANSCRIPTIONS_PATH, MODELS_PATH, "/healthz", "/livez"})
+_CREATED = 1735689600  # `created` of the listed models: a fixed date, there is no release to date them by
+
+
+class ApiError(Exception):
+    """An HTTP error in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None,
+                 kind: str = "invalid_request_error", retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.param, self.kind, self.retry_after = status, code, param, kind, retry_after
+
+    def response(self) -> web.Response:
+        resp = web.json_response(error_body(str(self), self.code, self.param, self.kind), status=self.status)
+        if self.retry_after is not None:
+            resp.headers["Retry-After"] = str(self.retry_after)
+        return resp
+
+
+def error_body(message: str, code: str, param: str | None = None, kind: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class TranscriptionRequest:
+    """The form fields of one request, checked."""
+
+    model: str
+    language: str
+    response_format: str
+    words: bool  # timestamp_granularities[] has `word`
+    segments: bool  # verbose_json lists segments (the default, or `segment` asked for)
+    stream: bool
+    prompt: str
+
+
+class ApiServer:
+    def __init__(self, app: "ChorusServer") -> None:
+        self.app = app
+        self.config = app.config
+        self._executor = ThreadPoolExecutor(self.config.files.decode_threads, thread_name_prefix="file-decode")
+        self._active = 0
+        self._jobs: set[asyncio.Task] = set()
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._requests = app.metrics.api_requests
+        self._secure = bool(self.config.server.tls_cert)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, port: int, ssl: Any) -> None:
+        web_app = web.Application(middlewares=[self._guard], client_max_size=_FIELD_LIMIT)
+        web_app.router.add_post(TRANSCRIPTIONS_PATH, self._transcriptions)
+        web_app.router.add_get(MODELS_PATH, self._models)
+        web_app.router.add_get(MODELS_PATH + "/{model}", self._model)
+        web_app.router.add_get("/healthz", self._healthz)
+        web_app.router.add_get("/livez", self._livez)
+        web_app.router.add_route("OPTIONS", "/{tail:.*}", self._preflight)
+        # A client that hangs up cancels its handler, and with it its job's queued segments.
+        self._runner = web.AppRunner(web_app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.config.server.host, port, ssl_context=ssl)
+        await self._site.start()
+
+    @property
+    def port(self) -> int:
+        assert self._runner is not None
+        return self._runner.addresses[0][1]
+
+    async def stop(self, timeout: float) -> None:
+        """Stop accepting; let running transcriptions finish within ``timeout`` (the batcher
+        is still running), then close what is left."""
+        if self._site is not None:
+            await self._site.stop()
+        if self._jobs:
+            log.info("waiting for %d transcription(s) to finish", len(self._jobs))
+            _, late = await asyncio.wait(list(self._jobs), timeout=timeout)
+            if late:
+                log.warning("%d transcription(s) not finished within the shutdown timeout; cancelling them", len(late))
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ middleware
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """Access (token, Origin) as on the main port, CORS for allowed browser Origins,
+        OpenAI-shaped errors, and nothing a request does escapes as a traceback."""
+        route = request.path if request.path in _ROUTES or request.path.startswith(MODELS_PATH) else "other"
+        route = MODELS_PATH if route.startswith(MODELS_PATH) else route
+        ws_request = WsRequest(request.path_qs, Headers(list(request.headers.items())))
+        status = 500
+        try:
+            if request.method != "OPTIONS":
+                denied = self.app.access.check(ws_request, request.path, self._secure)
+                if denied is not None:
+                    body = json.loads(denied.body or b"{}")
+                    kind = "authentication_error" if denied.status_code == 401 else "permission_error"
+                    raise ApiError(denied.status_code, body.get("message", "refused"), body.get("error", "refused"), kind=kind)
+            response = await handler(request)
+            status = response.status
+        except ApiError as e:
+            response = e.response()
+            status = e.status
+        except web.HTTPException as e:  # aiohttp's own: 404, 405, 413 ...
+            status = e.status
+            response = web.json_response(error_body(e.reason, e.reason.lower().replace(" ", "_")), status=e.status)
+        except asyncio.CancelledError:
+            status = 499  # the client went away
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug fails this request only
+            incident = incidents.report(log, "API request %s failed", exc, request.path)
+            response = ApiError(500, f"internal server error (incident {incident})", "internal", kind="server_error").response()
+        finally:
+            self._requests.labels(route, str(status)).inc()
+        origin = request.headers.get("Origin")
+        if origin and self.app.access.origin_allowed(ws_request, self._secure) and not response.prepared:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        return response
+
+    async def _preflight(self, request: web.Request) -> web.Response:
+        """CORS preflight (a browser asks before sending Authorization): allowed Origins only."""
+        ws_request = WsRequest(request.path_qs, Headers(list(request.headers.items())))
+        if not request.headers.get("Origin") or not self.app.access.origin_allowed(ws_request, self._secure):
+            raise ApiError(403, "this Origin may not use this server; list it in server.allowed_origins", "forbidden_origin",
+                           kind="permission_error")
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600",
+        })
+
+    # ------------------------------------------------------------------ small routes
+    async def _healthz(self, request: web.Request) -> web.Response:
+        info = self.app.health()
+        return web.json_response(info, status=200 if info["ready"] else 503)
+
+    async def _livez(self, request: web.Request) -> web.Response:
+        reason = self.app.liveness()
+        return web.json_response({"live": reason is None, "reason": reason}, status=200 if reason is None else 503)
+
+    def model_names(self) -> list[str]:
+        names = list(self.config.api.model_names) + [_OWN_MODEL, self.app.runner.name]
+        return list(dict.fromkeys(names))
+
+    def _model_entry(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": _CREATED, "owned_by": "chorus"}
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_entry(n) for n in self.model_names()]})
+
+    async def _model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in self.model_names():
+            raise ApiError(404, f"the model {name[:100]!r} does not exist", "model_not_found", "model")
+        return web.json_response(self._model_entry(name))
+
+    # ------------------------------------------------------------------ transcriptions
+    async def _transcriptions(self, request: web.Request) -> web.StreamResponse:
+        refusal = self.app.availability()
+        if refusal is not None:
+            raise ApiError(503, refusal.message, "unavailable", kind="server_error", retry_after=refusal.retry_after_s or 1)
+        if self._active >= self.config.api.max_concurrent_requests:
+            raise ApiError(503, "too many transcriptions in progress; try again shortly", "overloaded",
+                           kind="server_error", retry_after=1)
+        self._active += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._jobs.add(task)
+        try:
+            with tempfile.SpooledTemporaryFile(_SPOOL_IN_MEMORY) as upload:
+                fields = await self._read_form(request, upload)
+                req = self._check(fields, uploaded="file" in fields)
+                upload.seek(0)
+                return await self._run(request, req, upload)
+        finally:
+            self._active -= 1
+            self._jobs.discard(task)
+
+    async def _read_form(self, request: web.Request, upload: IO[bytes]) -> dict[str, list[str]]:
+        """The multipart form's fields; the `file` part's bytes go to ``upload``, streamed."""
+        if not request.content_type.startswith("multipart/"):
+            raise ApiError(400, "send the request as multipart/form-data with a `file` field", "invalid_request")
+        limit = self.config.api.max_upload_bytes
+        fields: dict[str, list[str]] = {}
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader) or part.name is None:
+                    continue
+                if part.name == "file":
+                    if "file" in fields:
+                        raise ApiError(400, "send one `file`", "invalid_request", "file")
+                    size = 0
+                    while chunk := await part.read_chunk(_CHUNK):
+                        size += len(chunk)
+                        if size > limit:
+                            raise ApiError(413, f"the file is larger than this server's limit of {limit} bytes "
+                                           "(api.max_upload_bytes)", "file_too_large", "file")
+                        upload.write(chunk)
+                    if size == 0:
+                        raise ApiError(400, "the file is empty", "invalid_file", "file")
+                    fields["file"] = [part.filename or ""]
+                    continue
+                value = bytearray()
+                while chunk := await part.read_chunk(_CHUNK):
+                    value += chunk
+                    if len(value) > _FIELD_LIMIT:
+                        raise ApiError(400, f"the field {part.name[:40]!r} is longer than {_FIELD_LIMIT} bytes",
+                                       "invalid_request", part.name[:40])
+                fields.setdefault(part.name, []).append(value.decode("utf-8", "replace"))
+        except (ValueError, AssertionError, UnicodeDecodeError) as e:  # aiohttp's malformed multipart
+            raise ApiError(400, f"malformed multipart body ({type(e).__name__})", "invalid_request") from None
+        return fields
+
+    def _check(self, fields: dict[str, list[str]], uploaded: bool) -> TranscriptionRequest:
+        def one(name: str, default: str = "") -> str:
+            values = fields.get(name) or fields.get(name + "[]") or [default]
+            return values[-1].strip()
+
+        if not uploaded:
+            raise ApiError(400, "the `file` field is required", "invalid_request", "file")
+        model = one("model")
+        if not model:
+            raise ApiError(400, "the `model` field is required (e.g. whisper-1)", "invalid_request", "model")
+        if model not in self.model_names():
+            raise ApiError(400, f"the model {model[:100]!r} does not exist; use one of: {', '.join(self.model_names())}",
+                           "model_not_found", "model")
+        response_format = one("response_format", "json") or "json"
+        if response_format not in formats.FORMATS:
+            raise ApiError(400, f"response_format {response_format[:40]!r} is not supported; use one of: "
+                           f"{', '.join(formats.FORMATS)}", "invalid_value", "response_format")
+        language = one("language", "auto").lower() or "auto"
+        supported = self.app.runner.languages()
+        if supported is not None and language not in supported:
+            raise ApiError(400, f"language {language[:20]!r} is not supported by this model; use one of: "
+                           f"{language_list(supported)}", "unsupported_language", "language")
+        granularities = {g.strip() for name in ("timestamp_granularities[]", "timestamp_granularities")
+                         for g in fields.get(name, []) for g in g.split(",") if g.strip()}
+        if granularities - {"word", "segment"}:
+            raise ApiError(400, "timestamp_granularities[] takes `word` and `segment`", "invalid_value",
+                           "timestamp_granularities")
+        stream = one("stream", "false").lower()
+        if stream not in ("true", "false", "1", "0", ""):
+            raise ApiError(400, "stream must be true or false", "invalid_value", "stream")
+        temperature = one("temperature", "0")
+        try:
+            float(temperature or 0)
+        except ValueError:
+            raise ApiError(400, "temperature must be a number", "invalid_value", "temperature") from None
+        return TranscriptionRequest(
+            model=model, language=language, response_format=response_format,
+            words="word" in granularities, segments=not granularities or "segment" in granularities,
+            stream=stream in ("true", "1"), prompt=one("prompt"),
+        )
+
+    async def _run(self, request: web.Request, req: TranscriptionRequest, upload: IO[bytes]) -> web.StreamResponse:
+        # Words cost an alignment pass: computed when asked for, and for subtitles (cues are cut at word gaps).
+        words = req.words or req.response_format in ("srt", "vtt") or req.stream
+        options = ItemOptions(language=req.language, words=words)
+        settings = segment_settings(self.config.vad, self.config.files, self.app.runner.max_item_seconds)
+        if req.stream:
+            return await self._stream(request, req, options, settings, upload)
+        job = FileJob(self.app.batcher, settings, self.config.files, options)
+        t0 = time.monotonic()
+        transcript = await self._transcribe(job, upload)
+        log.info("transcribed %.1f s of audio in %.1f s (%d segments)", transcript.duration_s,
+                 time.monotonic() - t0, len(transcript.segments))
+        fmt = req.response_format
+        if fmt == "json":
+            return web.json_response(formats.as_json(transcript))
+        if fmt == "verbose_json":
+            return web.json_response(formats.as_verbose_json(transcript, words=req.words, segments=req.segments))
+        text = {"text": formats.as_text, "srt": formats.as_srt, "vtt": formats.as_vtt}[fmt](transcript)
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+    async def _transcribe(self, job: FileJob, upload: IO[bytes]) -> FileTranscript:
+        try:
+            transcript = await job.run(upload, self._executor)
+        except FileError as e:
+            raise _file_error(e) from None
+        self.app.metrics.file_audio_seconds.inc(transcript.duration_s)
+        return transcript
+
+    async def _stream(self, request: web.Request, req: TranscriptionRequest, options: ItemOptions,
+                      settings: EndpointerSettings, upload: IO[bytes]) -> web.StreamResponse:
+        """Server-sent events: a `transcript.text.delta` per segment, in order, as it finishes
+        (with the segment itself, times in seconds, as a Chorus extension), then
+        `transcript.text.done`; an `error` event if the job fails once the stream has begun."""
+        events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        shown = ""
+
+        def on_segment(s: Segment) -> None:
+            nonlocal shown
+            if not s.text and not s.error:
+                return
+            delta = joiner(shown, s.text) + s.text
+            shown += delta
+            segment = formats.segment_json(s)
+            if req.words:
+                segment["words"] = [formats.word_json(w) for w in s.words or ()]
+            events.put_nowait({"type": "transcript.text.delta", "delta": delta, "segment": segment})
+
+        job = FileJob(self.app.batcher, settings, self.config.files, options, on_segment=on_segment)
+        running = asyncio.ensure_future(self._transcribe(job, upload))
+        running.add_done_callback(lambda _t: events.put_nowait(None))
+        first = await events.get()
+        if first is None and running.exception() is not None:
+            # Nothing sent yet: a bad file is still a plain HTTP error.
+            raise running.exception()  # type: ignore[misc]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
+        await response.prepare(request)
+        try:
+            event = first
+            while event is not None:
+                await response.write(_sse(event))
+                event = await events.get()
+            exc = running.exception()
+            if exc is None:
+                done = running.result()
+                # `usage` in the duration form of OpenAI's non-streamed answers (their streamed
+                # `done` counts tokens, which a duration-billed model has none of).
+                await response.write(_sse({"type": "transcript.text.done", "text": done.text,
+                                           "usage": {"type": "duration", "seconds": round(done.duration_s, 3)}}))
+            else:
+                err = exc if isinstance(exc, ApiError) else ApiError(500, "internal server error", "internal", kind="server_error")
+                await response.write(_sse({"type": "error", **error_body(str(err), err.code, err.param, err.kind)}))
+            await response.write_eof()
+        finally:
+            running.cancel()
+        return response
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+
+
+def _file_error(e: FileError) -> ApiError:
+    if e.code == "too_long":
+        return ApiError(413, f"{e}: this server's limit (files.max_audio_s)", "audio_too_long", "file")
+    if e.code == "bad_file":
+        return ApiError(400, f"the file could not be decoded: {e}", "invalid_file", "file")
+    return ApiError(503, str(e), e.code, kind="server_error", retry_after=5)

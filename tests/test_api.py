@@ -1,0 +1,311 @@
+"""The OpenAI-compatible HTTP API, with the official `openai` package as the client.
+
+A real server (tests/serverharness.py) on loopback ports, the real Whisper-base model, real
+speech re-encoded as users' recordings come (tests/audiofiles.py). Text is checked against
+the clips' transcripts, times against the clips' positions in the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+import urllib.request
+
+import aiohttp
+import numpy as np
+import openai
+import pytest
+
+from server.wer import word_error_rate
+from tests.audiofiles import encode
+from tests.serverharness import CLIPS, DATA, TRANSCRIPTS, ServerThread, make_config, read_clip, stream_audio
+
+JFK = DATA / "jfk.wav"
+SHORT = DATA / "sense_and_sensibility_01_austen_64kb-0880.wav"
+GAP_S = 1.5
+
+
+def wer(ref: str, hyp: str) -> float:
+    return word_error_rate([ref], [hyp])
+
+
+@pytest.fixture(scope="module")
+def server(whisper_runner):
+    with ServerThread(make_config(), whisper_runner) as srv:
+        yield srv
+
+
+def client(srv: ServerThread, key: str = "unused", **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{srv.app.api_port}/v1", api_key=key, max_retries=0, **kw)
+
+
+def jfk_bytes() -> bytes:
+    return JFK.read_bytes()
+
+
+def long_file() -> tuple[np.ndarray, list[tuple[float, float, str]]]:
+    """Every clip once, 1.5 s of silence between them: the audio and each clip's (start, end, text)."""
+    parts, spans, t = [], [], 0.0
+    for path in CLIPS:
+        audio = read_clip(path)
+        parts += [audio, np.zeros(int(GAP_S * 16000), np.float32)]
+        spans.append((t, t + len(audio) / 16000, TRANSCRIPTS[path.name]))
+        t += len(audio) / 16000 + GAP_S
+    return np.concatenate(parts), spans
+
+
+def file_metric(srv: ServerThread, name: str, labels: str) -> float:
+    _, text = srv.http("/metrics")
+    m = re.search(rf"^{name}\{{{labels}\}} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+# ---------------------------------------------------------------------- formats
+def test_every_response_format_gives_the_text_and_its_times(server):
+    c = client(server)
+    ref = TRANSCRIPTS[JFK.name]
+    plain = c.audio.transcriptions.create(model="whisper-1", file=("jfk.wav", jfk_bytes()))
+    assert wer(ref, plain.text) <= 0.1, plain.text
+
+    text = c.audio.transcriptions.create(model="whisper-1", file=("jfk.wav", jfk_bytes()), response_format="text")
+    assert isinstance(text, str) and text.endswith("\n") and not text.startswith('"')  # plain text, not a JSON string
+    assert text.strip() == plain.text
+
+    verbose = c.audio.transcriptions.create(model="whisper-1", file=("jfk.wav", jfk_bytes()), response_format="verbose_json",
+                                            timestamp_granularities=["word", "segment"], language="en")
+    assert abs(verbose.duration - 11.0) < 0.05 and verbose.language == "en"
+    assert verbose.text == plain.text
+    assert verbose.segments and verbose.words
+    prev = 0.0
+    for s in verbose.segments:
+        assert prev <= s.start < s.end <= verbose.duration, s
+        assert s.avg_logprob < 0 and 0 <= s.no_speech_prob < 0.5 and s.tokens, s
+        prev = s.end
+    prev = 0.0
+    for w in verbose.words:
+        assert prev <= w.start <= w.end <= verbose.duration and w.word == w.word.strip() and w.word, w
+        prev = w.end
+    assert " ".join(w.word for w in verbose.words) == verbose.text
+    # "ask not what your country can do for you" starts at about 3.3 s of jfk.wav.
+    ask = next(w for w in verbose.words if w.word.lower().strip(",.") == "ask")
+    assert 2.9 <= ask.start <= 3.8, ask
+
+    segments_only = c.audio.transcriptions.create(model="whisper-1", file=("jfk.wav", jfk_bytes()),
+                                                  response_format="verbose_json")
+    assert segments_only.segments and segments_only.words is None
+
+    for fmt in ("srt", "vtt"):
+        subtitles = c.audio.transcriptions.create(model="whisper-1", file=("jfk.wav", jfk_bytes()), response_format=fmt)
+        assert isinstance(subtitles, str)
+        cues = parse_cues(subtitles, fmt)
+        assert len(cues) >= 2
+        prev = 0.0
+        for start, end, _ in cues:
+            assert prev <= start < end <= 11.0, cues
+            prev = end
+        assert wer(ref, " ".join(t for _, _, t in cues)) <= 0.1, cues
+
+
+def parse_cues(body: str, fmt: str) -> list[tuple[float, float, str]]:
+    sep = "," if fmt == "srt" else "."
+    if fmt == "vtt":
+        assert body.startswith("WEBVTT\n\n"), body[:40]
+        body = body[len("WEBVTT\n\n"):]
+    clock = rf"(\d\d):(\d\d):(\d\d){re.escape(sep)}(\d\d\d)"
+    cues = []
+    for i, block in enumerate(b for b in body.strip().split("\n\n") if b):
+        lines = block.split("\n")
+        if fmt == "srt":
+            assert lines[0] == str(i + 1), block
+            lines = lines[1:]
+        m = re.fullmatch(f"{clock} --> {clock}", lines[0])
+        assert m, block
+        g = [int(x) for x in m.groups()]
+        start = g[0] * 3600 + g[1] * 60 + g[2] + g[3] / 1000
+        end = g[4] * 3600 + g[5] * 60 + g[6] + g[7] / 1000
+        assert len(lines) >= 2 and all(lines[1:]), block
+        cues.append((start, end, " ".join(lines[1:])))
+    return cues
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "opus", "flac", "m4a", "webm"])
+def test_compressed_recordings(server, fmt):
+    name, data = encode(read_clip(SHORT), fmt)
+    r = client(server).audio.transcriptions.create(model="whisper-1", file=(name, data), response_format="verbose_json")
+    assert wer(TRANSCRIPTS[SHORT.name], r.text) <= 0.15, (fmt, r.text)
+    assert abs(r.duration - len(read_clip(SHORT)) / 16000) < 0.1, r.duration
+
+
+# ---------------------------------------------------------------------- long files
+def test_a_long_file_is_cut_at_pauses_batched_and_stitched_in_order(server):
+    audio, spans = long_file()
+    name, data = encode(audio, "mp3")
+    batches0 = file_metric(server, "chorus_batches_total", 'kind="file"')
+    items0 = file_metric(server, "chorus_requests_total", 'kind="file"')
+    r = client(server).audio.transcriptions.create(model="whisper-1", file=(name, data), response_format="verbose_json",
+                                                   timestamp_granularities=["segment"])
+    assert abs(r.duration - len(audio) / 16000) < 0.2
+    # Every clip's words come back, in order, in the segments that cover that clip's time.
+    assert len(r.segments) >= len(spans), [(s.start, s.end) for s in r.segments]
+    assert [s.id for s in r.segments] == list(range(len(r.segments)))
+    prev = 0.0
+    for s in r.segments:
+        assert prev <= s.start < s.end <= r.duration, (prev, s)
+        prev = s.end
+    for start, end, ref in spans:
+        inside = " ".join(s.text for s in r.segments if s.start < end and s.end > start)
+        assert wer(ref, inside) <= 0.2, (start, ref, inside)
+    refs = " ".join(ref for _, _, ref in spans)
+    assert wer(refs, r.text) <= 0.12, r.text
+    # The file's segments went to the model in batches, not one call each.
+    items = file_metric(server, "chorus_requests_total", 'kind="file"') - items0
+    batches = file_metric(server, "chorus_batches_total", 'kind="file"') - batches0
+    assert items == len(r.segments) and 0 < batches < items, (items, batches)
+
+
+def test_stream_true_sends_each_segment_as_it_finishes(server):
+    audio, spans = long_file()
+    short = audio[: int((spans[2][1] + 0.5) * 16000)]  # the first three clips
+    name, data = encode(short, "opus")
+    stream = client(server).audio.transcriptions.create(model="whisper-1", file=(name, data), stream=True)
+    events = list(stream)
+    assert [e.type for e in events[:-1]] == ["transcript.text.delta"] * (len(events) - 1)
+    assert events[-1].type == "transcript.text.done" and len(events) >= 4
+    text = "".join(e.delta for e in events[:-1])
+    assert text == events[-1].text
+    assert wer(" ".join(ref for _, _, ref in spans[:3]), text) <= 0.15, text
+    starts = [e.segment["start"] for e in events[:-1]]  # Chorus's extension: the segment itself
+    assert starts == sorted(starts)
+
+
+def test_a_client_that_hangs_up_cancels_its_queued_segments(server):
+    audio, _ = long_file()
+    name, data = encode(np.concatenate([audio, audio]), "mp3")  # ~4 min of speech: minutes of model time here
+    dropped0 = file_metric(server, "chorus_requests_dropped_total", 'kind="file",why="cancelled"')
+    with pytest.raises(openai.APITimeoutError):
+        client(server, timeout=4.0).audio.transcriptions.create(model="whisper-1", file=(name, data))
+    deadline = time.monotonic() + 30
+    while file_metric(server, "chorus_requests_dropped_total", 'kind="file",why="cancelled"') == dropped0:
+        assert time.monotonic() < deadline, "the job's queued segments were not cancelled"
+        time.sleep(0.2)
+    # The model is free again: a new request is answered promptly.
+    t0 = time.monotonic()
+    r = client(server).audio.transcriptions.create(model="whisper-1", file=("jfk.wav", jfk_bytes()))
+    assert wer(TRANSCRIPTS[JFK.name], r.text) <= 0.1 and time.monotonic() - t0 < 30
+
+
+# ---------------------------------------------------------------------- bad requests
+def raw_post(srv: ServerThread, fields: dict, file: tuple[str, bytes] | None = None, path: str = "/v1/audio/transcriptions",
+             headers: dict | None = None) -> tuple[int, dict]:
+    async def main():
+        form = aiohttp.FormData()
+        for k, v in fields.items():
+            for item in v if isinstance(v, list) else [v]:
+                form.add_field(k, item)
+        if file is not None:
+            form.add_field("file", file[1], filename=file[0])
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{srv.app.api_port}{path}", data=form, headers=headers or {}) as r:
+                return r.status, json.loads(await r.text())
+    return asyncio.run(main())
+
+
+def test_bad_requests_get_clear_errors_and_a_live_stream_beside_them_keeps_its_text(server):
+    live: dict = {}
+
+    def stream_live():
+        live["log"] = asyncio.run(stream_audio(server.url, read_clip(JFK), speed=2.0))
+
+    t = threading.Thread(target=stream_live)
+    t.start()
+    jfk = ("jfk.wav", jfk_bytes())
+    cases = [
+        ({"model": "whisper-1"}, ("x.wav", b"RIFF not really a wav file" * 50), 400, "invalid_file"),
+        ({"model": "whisper-1"}, ("x.mp3", bytes(range(256)) * 40), 400, "invalid_file"),
+        ({"model": "whisper-1"}, ("x.wav", b""), 400, "invalid_file"),
+        ({"model": "whisper-1"}, None, 400, "invalid_request"),
+        ({}, jfk, 400, "invalid_request"),
+        ({"model": "gpt-99"}, jfk, 400, "model_not_found"),
+        ({"model": "whisper-1", "response_format": "docx"}, jfk, 400, "invalid_value"),
+        ({"model": "whisper-1", "language": "xx"}, jfk, 400, "unsupported_language"),
+        ({"model": "whisper-1", "timestamp_granularities[]": "char"}, jfk, 400, "invalid_value"),
+        ({"model": "whisper-1", "prompt": "x" * 100_000}, jfk, 400, "invalid_request"),
+    ]
+    for fields, file, status, code in cases:
+        got, body = raw_post(server, fields, file)
+        assert (got, body["error"]["code"]) == (status, code), (fields, body)
+        assert body["error"]["message"] and body["error"]["type"] == "invalid_request_error", body
+    # Not multipart at all.
+    req = urllib.request.Request(f"http://127.0.0.1:{server.app.api_port}/v1/audio/transcriptions", data=b"{}",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 400
+    # The SDK maps them to its own exceptions.
+    with pytest.raises(openai.BadRequestError):
+        client(server).audio.transcriptions.create(model="whisper-1", file=("x.wav", b"garbage" * 100))
+    with pytest.raises(openai.NotFoundError):
+        client(server).models.retrieve("gpt-99")
+    t.join(120)
+    finals = [m for m in live["log"].of("final") if m["text"]]
+    assert wer(TRANSCRIPTS[JFK.name], " ".join(m["text"] for m in finals)) <= 0.1, finals
+    # And the API still answers.
+    assert wer(TRANSCRIPTS[JFK.name], client(server).audio.transcriptions.create(model="whisper-1", file=jfk).text) <= 0.1
+
+
+def test_size_and_duration_limits_are_413(whisper_runner):
+    cfg = make_config(**{"api.max_upload_bytes": 200_000, "files.max_audio_s": 5})
+    with ServerThread(cfg, whisper_runner) as srv:
+        got, body = raw_post(srv, {"model": "whisper-1"}, ("jfk.wav", jfk_bytes()))  # 352 KB
+        assert got == 413 and body["error"]["code"] == "file_too_large", body
+        name, data = encode(read_clip(JFK), "mp3")  # 11 s of audio in 44 KB
+        got, body = raw_post(srv, {"model": "whisper-1"}, (name, data))
+        assert got == 413 and body["error"]["code"] == "audio_too_long", body
+        short = encode(read_clip(SHORT), "mp3")
+        r = client(srv).audio.transcriptions.create(model="whisper-1", file=short)
+        assert wer(TRANSCRIPTS[SHORT.name], r.text) <= 0.15
+
+
+def test_models_are_listed(server):
+    ids = [m.id for m in client(server).models.list().data]
+    assert {"whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "chorus", "whisper"} <= set(ids)
+    assert client(server).models.retrieve("whisper-1").id == "whisper-1"
+    r = client(server).audio.transcriptions.create(model="gpt-4o-mini-transcribe", file=("jfk.wav", jfk_bytes()))
+    assert wer(TRANSCRIPTS[JFK.name], r.text) <= 0.1
+
+
+# ---------------------------------------------------------------------- access
+def test_token_auth_and_origins_as_on_the_main_port(whisper_runner, monkeypatch):
+    monkeypatch.setenv("CHORUS_AUTH_TOKENS", "s3cret")
+    cfg = make_config(**{"server.allowed_origins": '["https://app.example.com"]'})
+    with ServerThread(cfg, whisper_runner) as srv:
+        with pytest.raises(openai.AuthenticationError):
+            client(srv, key="wrong").audio.transcriptions.create(model="whisper-1", file=("jfk.wav", jfk_bytes()))
+        with pytest.raises(openai.AuthenticationError):
+            client(srv, key="wrong").models.list()
+        got, body = raw_post(srv, {"model": "whisper-1"}, ("jfk.wav", jfk_bytes()))
+        assert got == 401 and body["error"]["type"] == "authentication_error", body
+        got, body = raw_post(srv, {"model": "whisper-1"}, ("jfk.wav", jfk_bytes()),
+                             headers={"Authorization": "Bearer s3cret", "Origin": "https://evil.example.com"})
+        assert got == 403, body
+        r = client(srv, key="s3cret").audio.transcriptions.create(model="whisper-1", file=("jfk.wav", jfk_bytes()))
+        assert wer(TRANSCRIPTS[JFK.name], r.text) <= 0.1
+        # An allowed browser page may read the answer (CORS), after its preflight.
+        async def browser():
+            async with aiohttp.ClientSession() as s:
+                url = f"http://127.0.0.1:{srv.app.api_port}/v1/models"
+                async with s.options(url, headers={"Origin": "https://app.example.com",
+                                                   "Access-Control-Request-Method": "GET",
+                                                   "Access-Control-Request-Headers": "authorization"}) as pre:
+                    assert pre.status == 204 and "Authorization" in pre.headers["Access-Control-Allow-Headers"]
+                async with s.get(url, headers={"Origin": "https://app.example.com", "Authorization": "Bearer s3cret"}) as r:
+                    assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+                async with s.options(url, headers={"Origin": "https://evil.example.com"}) as pre:
+                    assert pre.status == 403
+        asyncio.run(browser())
+        # Probes stay open.
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.app.api_port}/healthz", timeout=10) as r:
+            assert r.status == 200
