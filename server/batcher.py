@@ -8,8 +8,10 @@ runner, and resolves each future on the loop with ``call_soon_threadsafe``.
 Policy, in order:
 - three priority classes: live finals, then live partials, then file segments (recordings
   sent whole: server/files/job.py); a batch holds one class. File work fills the model's
-  time between live batches; while live sessions are active a file batch is kept short
-  (``file_live_batch_audio_s``), because a live final that arrives while it runs waits for it;
+  time between live batches. A call cannot be interrupted, so a live final that arrives
+  while a file batch runs waits for it: while live sessions are active, file batches are
+  only as large as fit ``file_live_max_call_ms`` by the measured time per item, and where
+  not even one item fits (a CPU) file work waits for the live sessions to go quiet;
 - aging, so no class starves: a partial that has waited ``partial_max_wait_ms`` gets one
   batch between two batches of finals, and a file segment that has waited ``file_max_wait_s``
   one batch between two live ones, each only while its class took less than its share of
@@ -88,9 +90,10 @@ _WAIT_WINDOW_S = 5.0
 LOAD_WINDOW_S = 20.0
 # Partials' share of the model's time is measured over this trailing window (see _partial_overdue).
 _SHARE_WINDOW_S = 10.0
-# Live sessions count as active for this long after their last request (file batches are kept
-# short meanwhile, see BatcherConfig.file_live_batch_audio_s).
-_LIVE_ACTIVE_S = 2.0
+# Weight of the newest call in the running estimate of seconds per item.
+_ITEM_COST_ALPHA = 0.2
+# While aged file work is held back by its share, look again this often.
+_FILE_RECHECK_S = 0.25
 
 
 @dataclass(eq=False)
@@ -144,6 +147,7 @@ class MicroBatcher:
         self._partials: dict[Hashable, Request] = {}  # insertion-ordered: oldest first
         self._files: list[Request] = []  # arrival order; batches are picked by length (_take_files)
         self._live_seen = float("-inf")  # when the last live request arrived
+        self._item_s: float | None = None  # seconds per item of recent final and file calls (beam-decoded)
         self._running = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -341,21 +345,49 @@ class MicroBatcher:
         batch between two batches of finals, so that under load partials thin out instead of
         stopping; a file segment that has waited `file_max_wait_s` likewise gets one batch
         between two live ones, so file work slows under live load but never stops."""
-        if self._files and self._file_overdue():
+        now = time.monotonic()
+        if self._files and (self._finals or self._partials) and not self._aged_files_last and self._file_aged(now):
             return self._files
         if self._finals and not self._partial_overdue():
             return list(self._finals)
-        return list(self._partials.values()) or list(self._finals) or self._files
+        live = list(self._partials.values()) or list(self._finals)
+        if live:
+            return live
+        return self._files if self._files and self._file_wait_s(now) is None else []
 
-    def _file_overdue(self) -> bool:
-        """Whether an aged file segment goes ahead of waiting live work (lock held)."""
+    def _file_aged(self, now: float) -> bool:
+        """An aged file segment may run now (lock held): the oldest has waited `file_max_wait_s`
+        and file calls took less than `file_aged_share` of the model's last 10 s."""
         wait = self.config.file_max_wait_s
-        if not wait or self._aged_files_last or not (self._finals or self._partials):
-            return False
-        now = time.monotonic()
-        if now - self._files[0].enqueued <= wait:
+        if not wait or now - self._files[0].enqueued <= wait:
             return False
         return self._busy_share(self._file_calls, now, _SHARE_WINDOW_S) < self.config.file_aged_share
+
+    def _live_active(self, now: float) -> bool:
+        return now - self._live_seen < self.config.live_quiet_s
+
+    def _file_slots(self, now: float) -> int:
+        """How many file segments one batch may take now (lock held): a full batch without live
+        sessions; with them, as many as the measured time per item fits in
+        `file_live_max_call_ms` (1 while nothing is measured yet), possibly 0."""
+        if not self._live_active(now):
+            return self.max_batch
+        if self._item_s is None:
+            return 1
+        return min(self.max_batch, int(self.config.file_live_max_call_ms / 1000.0 / max(self._item_s, 1e-6)))
+
+    def _file_wait_s(self, now: float) -> float | None:
+        """None if waiting file segments may go now (no live work waits), else how long to wait
+        before looking again: until live sessions are quiet, or the oldest segment ages."""
+        if self._file_slots(now) > 0 or self._file_aged(now):
+            return None
+        until = self._live_seen + self.config.live_quiet_s
+        wait = self.config.file_max_wait_s
+        if wait and self._files[0].enqueued + wait > now:
+            until = min(until, self._files[0].enqueued + wait)
+        elif wait:  # aged, but over its share: the share frees up as time passes
+            until = min(until, now + _FILE_RECHECK_S)
+        return max(0.001, until - now)
 
     def _partial_overdue(self) -> bool:
         """An overdue partial may go ahead of waiting finals, but only while partial calls
@@ -423,8 +455,9 @@ class MicroBatcher:
         """A batch of file segments (lock held), by length: the bucket of the oldest waiting
         segment, unless some bucket holds a full batch (that one goes first; the oldest
         segment's bucket is taken once it has waited `file_max_wait_s`); longest first within
-        the bucket, so a batch pads as little as it can. While live sessions are active the
-        batch holds at most `file_live_batch_audio_s` of audio (at least one segment)."""
+        the bucket, so a batch pads as little as it can; at most `max_batch_audio_s` of padded
+        audio, and while live sessions are active at most `_file_slots` segments (at least one:
+        an aged batch goes even where none fits)."""
         now = time.monotonic()
         by_bucket: dict[int, list[Request]] = {}
         for r in self._files:
@@ -436,12 +469,12 @@ class MicroBatcher:
             full = [b for b, rs in by_bucket.items() if len(rs) >= self.max_batch]
             if full and bucket not in full:
                 bucket = min(full, key=lambda b: by_bucket[b][0].seq)
-        live = now - self._live_seen < _LIVE_ACTIVE_S
-        budget = self.config.file_live_batch_audio_s if live else self.config.max_batch_audio_s
+        slots = max(1, self._file_slots(now))
+        budget = self.config.max_batch_audio_s
         edge = self.bucket_edges
         batch: list[Request] = []
         for r in sorted(by_bucket[bucket], key=lambda r: -len(r.audio)):
-            if len(batch) >= self.max_batch:
+            if len(batch) >= slots:
                 break
             per_item = edge[r.bucket] if edge else r.seconds
             if batch and per_item * (len(batch) + 1) > budget:
@@ -456,13 +489,22 @@ class MicroBatcher:
         it returns at once: a batch if one is due now (full, or its window has passed),
         else an empty list, so the worker collects the running batch instead of waiting."""
         with self._cond:
-            if block:
-                while self._running and not (self._finals or self._partials or self._files):
-                    self._cond.wait()
-            if not self._running:
-                return None
-            if not (self._finals or self._partials or self._files):
-                return []
+            while True:
+                if block:
+                    while self._running and not (self._finals or self._partials or self._files):
+                        self._cond.wait()
+                if not self._running:
+                    return None
+                if not (self._finals or self._partials or self._files):
+                    return []
+                if self._finals or self._partials:
+                    break
+                held = self._file_wait_s(time.monotonic())  # only file work waits: may it go?
+                if held is None:
+                    break
+                if not block:
+                    return []
+                self._cond.wait(held)
             # Deadline window from the oldest waiting request, not a sleep-poll loop.
             deadline = self._oldest_enqueued() + self.wait_s
             while self._running and self._ready_count() < self.max_batch:
@@ -571,6 +613,10 @@ class MicroBatcher:
                     kind = started[1][0].kind
                     busy = {Kind.FINAL: self._final_calls, Kind.PARTIAL: self._partial_calls}.get(kind, self._file_calls)
                     busy.append((end, end - started[0]))
+                    if kind is not Kind.PARTIAL:  # partials decode greedily: cheaper than what files cost
+                        per_item = (end - started[0]) / len(started[1])
+                        prev = self._item_s
+                        self._item_s = per_item if prev is None else prev + _ITEM_COST_ALPHA * (per_item - prev)
                     self.metrics.model_busy_seconds.labels(kind.name.lower()).inc(end - started[0])
                 self.consecutive_failures = 0
                 if self.hung_reason is not None and not self._calls:

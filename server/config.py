@@ -209,21 +209,29 @@ class BatcherConfig:
         "rest, and every session's partials come less often.",
     )
     file_max_wait_s: float = knob(
-        10.0, "File segments (recordings sent whole: the transcription API, `chorus transcribe`) run "
-        "after live finals and partials; one that has waited this long gets one batch between two "
-        "live ones (see `file_aged_share`), so file work slows under live load but never stops. "
-        "Also: a length bucket holding a full batch goes ahead of the oldest segment's bucket only "
-        "until that segment has waited this long. 0 = files only when no live work waits.",
+        30.0, "File segments (recordings sent whole: the transcription API, `chorus transcribe`) run "
+        "after live finals and partials; one that has waited this long may run while live sessions "
+        "are active, one batch between two live ones, within `file_aged_share`: file work slows under "
+        "live load but never stops. Also: a length bucket holding a full batch goes ahead of the "
+        "oldest segment's bucket only until that segment has waited this long. 0 = files only when no "
+        "live work waits.",
     )
     file_aged_share: float = knob(
-        0.2, "Aged file batches (see `file_max_wait_s`) go ahead of waiting live work only while file "
-        "calls took less than this share of the model's last 10 s.",
+        0.1, "Aged file batches (see `file_max_wait_s`) run ahead of live work only while file calls "
+        "took less than this share of the model's last 10 s.",
     )
-    file_live_batch_audio_s: float = knob(
-        30.0, "Most audio seconds (padded) in one file batch while live sessions are active (a live "
-        "request in the last 2 s): a live final that arrives while a file batch runs waits for it, so "
-        "this bounds that wait. At least one segment always goes. Without live traffic file batches "
-        "use `max_batch_audio_s`.",
+    live_quiet_s: float = knob(
+        10.0, "Live sessions count as active (file batches then fit `file_live_max_call_ms`) until this "
+        "long after the last live request: a conversation's pauses between utterances are shorter, so "
+        "a file batch does not start in one and hold up the next final.",
+    )
+    file_live_max_call_ms: float = knob(
+        250.0, "A model call cannot be interrupted, so a live final that arrives while a file batch runs "
+        "waits for it. While live sessions are active (see `live_quiet_s`), file batches hold "
+        "only as many segments as the measured time per item (of recent final and file calls) fits in "
+        "this; where not even one fits (on a CPU one Whisper segment takes seconds), file work waits "
+        "until live sessions are quiet, except aged segments (`file_max_wait_s`). Without live traffic "
+        "file batches are full size.",
     )
     watchdog_s: float = knob(
         60.0, "A model call running longer than this marks the model hung: /livez and /healthz turn "
@@ -618,8 +626,10 @@ def validate(cfg: Config) -> None:
         problems.append("calls.history_events, retain_s and max_subscribers must be >= 0")
     if cfg.server.max_text_message_bytes < 1024:
         problems.append("server.max_text_message_bytes must be >= 1024")
-    if not 0 <= cfg.batcher.file_aged_share <= 1 or cfg.batcher.file_max_wait_s < 0 or cfg.batcher.file_live_batch_audio_s <= 0:
-        problems.append("batcher.file_aged_share must be within 0..1, file_max_wait_s >= 0, file_live_batch_audio_s > 0")
+    if (not 0 <= cfg.batcher.file_aged_share <= 1 or cfg.batcher.file_max_wait_s < 0 or cfg.batcher.file_live_max_call_ms < 0
+            or cfg.batcher.live_quiet_s < 0):
+        problems.append("batcher.file_aged_share must be within 0..1; file_max_wait_s, file_live_max_call_ms and "
+                        "live_quiet_s >= 0")
     if not 0 <= cfg.batcher.partial_max_share <= 1:
         problems.append("batcher.partial_max_share must be within 0..1")
     if not 0 <= cfg.server.admission_max_model_load <= 1:

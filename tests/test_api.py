@@ -309,3 +309,40 @@ def test_token_auth_and_origins_as_on_the_main_port(whisper_runner, monkeypatch)
         # Probes stay open.
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.app.api_port}/healthz", timeout=10) as r:
             assert r.status == 200
+
+
+def test_a_recording_without_speech_streams_only_done(server):
+    name, data = encode(np.zeros(3 * 16000, np.float32), "wav")
+    events = list(client(server).audio.transcriptions.create(model="whisper-1", file=(name, data), stream=True))
+    assert [e.type for e in events] == ["transcript.text.done"] and events[0].text == ""
+    r = client(server).audio.transcriptions.create(model="whisper-1", file=(name, data), response_format="verbose_json")
+    assert r.text == "" and r.segments == [] and abs(r.duration - 3.0) < 0.05
+
+
+def test_shutdown_finishes_running_transcriptions_and_refuses_new_ones(whisper_runner):
+    audio, spans = long_file()
+    name, data = encode(audio, "mp3")
+    srv = ServerThread(make_config(), whisper_runner).__enter__()
+    got: dict = {}
+
+    def post():
+        got["long"] = client(srv).audio.transcriptions.create(model="whisper-1", file=(name, data))
+
+    t = threading.Thread(target=post)
+    t.start()
+    deadline = time.monotonic() + 30
+    while file_metric(srv, "chorus_batches_total", 'kind="file"') == 0:  # the job is under way
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    stopping = asyncio.run_coroutine_threadsafe(srv.app.stop(), srv.loop)
+    deadline = time.monotonic() + 10
+    while not srv.app.draining:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(openai.InternalServerError) as e:  # 503 while it drains
+        client(srv).audio.transcriptions.create(model="whisper-1", file=("jfk.wav", jfk_bytes()))
+    assert e.value.status_code == 503 and e.value.response.headers.get("Retry-After")
+    stopping.result(60)
+    t.join(10)
+    assert wer(" ".join(ref for _, _, ref in spans), got["long"].text) <= 0.12, got
+    srv.loop.call_soon_threadsafe(srv.loop.stop)

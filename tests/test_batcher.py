@@ -459,23 +459,31 @@ def test_file_segments_batch_by_length_and_a_full_bucket_goes_first():
     assert seconds == [[1.8, 1.5, 1.2, 1.0], [25.0, 20.0], [4.0, 3.0]], seconds
 
 
-def test_file_batches_stay_short_while_live_sessions_are_active():
-    async def main(live: bool):
-        r = RecordingRunner()
-        r.gate.clear()
-        b = make(r, max_batch_size=8, batch_wait_ms=1.0, max_batch_audio_s=240.0, file_live_batch_audio_s=60.0)
+def test_file_batches_fit_the_live_call_budget_by_measured_cost():
+    """0.1 s per call here. With a live session active, a file batch holds as many segments as
+    0.1 s per item fits in `file_live_max_call_ms`; without one, a full batch."""
+    async def main(live: bool, budget_ms: float):
+        r = RecordingRunner(delay=0.1)
+        b = make(r, max_batch_size=8, batch_wait_ms=1.0, max_batch_audio_s=240.0, file_live_max_call_ms=budget_ms,
+                 file_max_wait_s=0, live_quiet_s=1.0)
         b.start(asyncio.get_running_loop())
-        blocker = b.submit(audio(0.5), ItemOptions(), Kind.FINAL if live else Kind.FILE, "z")
-        await asyncio.sleep(0.05)
+        await b.submit(audio(0.5), ItemOptions(), Kind.FINAL if live else Kind.FILE, "z")  # measures 0.1 s per item
+        t0 = time.monotonic()
         futs = [b.submit(audio(20.0), ItemOptions(), Kind.FILE, "job") for _ in range(6)]
-        r.gate.set()
-        await asyncio.gather(blocker, *futs)
+        started = []
+        for f in futs:
+            f.add_done_callback(lambda _f: started.append(time.monotonic() - t0))
+        await asyncio.gather(*futs)
         b.stop()
-        return [len(bt) for bt in r.batches[1:]]
+        return [len(bt) for bt in r.batches[1:]], started[0]
 
-    # 30 s bucket edge: 60 s of padded audio = 2 items per call while a live session was seen.
-    assert run(main(live=True)) == [2, 2, 2]
-    assert run(main(live=False)) == [6]
+    sizes, _ = run(main(live=True, budget_ms=250.0))
+    assert sizes == [2, 2, 2], sizes
+    sizes, _ = run(main(live=False, budget_ms=250.0))
+    assert sizes == [6], sizes
+    # Not even one segment fits: file work waits for the live session to go quiet (1 s), then runs full size.
+    sizes, first = run(main(live=True, budget_ms=50.0))
+    assert sizes == [6] and first >= 0.9, (sizes, first)
 
 
 def test_file_work_slows_under_live_overload_but_does_not_stop():

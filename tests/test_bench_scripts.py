@@ -70,3 +70,10 @@ def test_run_gpu_script_refuses_out_in_a_missing_directory(tmp_path):
     assert f"run_gpu.sh: OUT={out}: its directory {out.parent} does not exist" in proc.stderr
     assert "===" not in proc.stderr and not (tmp_path / "sv").exists()
     assert took < 10, took
+
+
+@pytest.mark.parametrize("script", ["file_priority_bench.py", "file_throughput_bench.py"])
+def test_recording_benchmarks_start(script):
+    """The recordings' benchmarks import and parse their arguments (they need minutes to run)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--files" in out.stdout, out.stderr[-2000:]

@@ -94,6 +94,7 @@ class ApiServer:
         self._jobs: set[asyncio.Task] = set()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
+        self._port: int | None = None
         self._requests = app.metrics.api_requests
         self._secure = bool(self.config.server.tls_cert)
 
@@ -111,22 +112,23 @@ class ApiServer:
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.config.server.host, port, ssl_context=ssl)
         await self._site.start()
+        self._port = self._runner.addresses[0][1]
 
     @property
     def port(self) -> int:
-        assert self._runner is not None
-        return self._runner.addresses[0][1]
+        assert self._port is not None, "not started"
+        return self._port
 
     async def stop(self, timeout: float) -> None:
-        """Stop accepting; let running transcriptions finish within ``timeout`` (the batcher
-        is still running), then close what is left."""
-        if self._site is not None:
-            await self._site.stop()
+        """Let running transcriptions finish within ``timeout`` (the batcher is still running;
+        new requests meanwhile get 503 from the drain, as streams do), then close."""
         if self._jobs:
             log.info("waiting for %d transcription(s) to finish", len(self._jobs))
             _, late = await asyncio.wait(list(self._jobs), timeout=timeout)
             if late:
                 log.warning("%d transcription(s) not finished within the shutdown timeout; cancelling them", len(late))
+        if self._site is not None:
+            await self._site.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         self._executor.shutdown(wait=False, cancel_futures=True)
