@@ -305,6 +305,15 @@ def test_token_auth_and_origins_as_on_the_main_port(whisper_runner, monkeypatch)
                     assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
                 async with s.options(url, headers={"Origin": "https://evil.example.com"}) as pre:
                     assert pre.status == 403
+                form = aiohttp.FormData()
+                form.add_field("model", "whisper-1")
+                form.add_field("stream", "true")
+                form.add_field("file", jfk_bytes(), filename="jfk.wav")
+                async with s.post(f"http://127.0.0.1:{srv.app.api_port}/v1/audio/transcriptions", data=form,
+                                  headers={"Origin": "https://app.example.com", "Authorization": "Bearer s3cret"}) as r:
+                    assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
+                    assert r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"  # streamed answers too
+                    assert "transcript.text.done" in await r.text()
         asyncio.run(browser())
         # Probes stay open.
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.app.api_port}/healthz", timeout=10) as r:

@@ -165,11 +165,17 @@ class ApiServer:
             response = ApiError(500, f"internal server error (incident {incident})", "internal", kind="server_error").response()
         finally:
             self._requests.labels(route, str(status)).inc()
-        origin = request.headers.get("Origin")
-        if origin and self.app.access.origin_allowed(ws_request, self._secure) and not response.prepared:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Vary"] = "Origin"
+        if not response.prepared:  # a streamed answer got them before its headers went
+            response.headers.update(self._cors(request))
         return response
+
+    def _cors(self, request: web.Request) -> dict[str, str]:
+        """The CORS headers that let an allowed browser Origin's script read the answer."""
+        origin = request.headers.get("Origin")
+        ws_request = WsRequest(request.path_qs, Headers(list(request.headers.items())))
+        if origin and self.app.access.origin_allowed(ws_request, self._secure):
+            return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        return {}
 
     async def _preflight(self, request: web.Request) -> web.Response:
         """CORS preflight (a browser asks before sending Authorization): allowed Origins only."""
@@ -361,7 +367,8 @@ class ApiServer:
         if first is None and running.exception() is not None:
             # Nothing sent yet: a bad file is still a plain HTTP error.
             raise running.exception()  # type: ignore[misc]
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                               **self._cors(request)})
         await response.prepare(request)
         try:
             event = first
