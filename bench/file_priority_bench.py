@@ -160,12 +160,16 @@ def main() -> int:
         f"while live sessions ran for the first {mixed['live_s']:.0f} s).",
         "",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        with args.out.open("a") as f:
-            f.write("\n" + report)
+    record("\n".join(lines), args.out)
     return 0
+
+
+def record(report: str, out: Path | None) -> None:
+    """Print a markdown report and append it to ``out`` (e.g. docs/benchmarks.md)."""
+    print(report)
+    if out:
+        with out.open("a") as f:
+            f.write("\n" + report)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.file_priority_bench import long_recording  # noqa: E402
+from bench.file_priority_bench import long_recording, record  # noqa: E402
 from client_demo.loadgen import SpawnedServer, _free_port, machine  # noqa: E402
 
 CHORUS = str(ROOT / ".venv" / "bin" / "chorus")
@@ -139,11 +139,7 @@ def main() -> int:
         *[f"| {name} | {s:.1f} | {audio_s / s:.1f} |" for name, s in rows],
         "",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        with args.out.open("a") as f:
-            f.write("\n" + report)
+    record("\n".join(lines), args.out)
     print(json.dumps({"audio_s": audio_s, "rows": rows}))
     return 0
 
