@@ -351,6 +351,9 @@ def test_shutdown_finishes_running_transcriptions_and_refuses_new_ones(whisper_r
     with pytest.raises(openai.InternalServerError) as e:  # 503 while it drains
         client(srv).audio.transcriptions.create(model="whisper-1", file=("jfk.wav", jfk_bytes()))
     assert e.value.status_code == 503 and e.value.response.headers.get("Retry-After")
+    with pytest.raises(urllib.error.HTTPError) as probe:  # and its probe sends load balancers elsewhere
+        urllib.request.urlopen(f"http://127.0.0.1:{srv.app.api_port}/healthz", timeout=10)
+    assert probe.value.code == 503
     stopping.result(60)
     t.join(10)
     assert wer(" ".join(ref for _, _, ref in spans), got["long"].text) <= 0.12, got

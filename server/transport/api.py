@@ -191,8 +191,10 @@ class ApiServer:
 
     # ------------------------------------------------------------------ small routes
     async def _healthz(self, request: web.Request) -> web.Response:
+        # Ready for recordings: they are never refused for live capacity (`accepting`), only
+        # while loading, broken or draining.
         info = self.app.health()
-        return web.json_response(info, status=200 if info["ready"] else 503)
+        return web.json_response(info, status=200 if info["ready"] and not info["draining"] else 503)
 
     async def _livez(self, request: web.Request) -> web.Response:
         reason = self.app.liveness()
