@@ -70,6 +70,21 @@ def result_fields(t: Transcript) -> dict[str, Any]:
     return out
 
 
+def segment_failure(exc: BaseException, what: str) -> tuple[str, str]:
+    """Why a segment's model request failed, as (error code, message safe for a client).
+    Anything but the batcher's and runners' own errors is a server fault: its raw text stays in
+    the log (it may hold paths or model internals) under an incident id. ``what`` names the
+    segment in that log line."""
+    if isinstance(exc, ItemError):
+        return exc.code, str(exc)
+    if isinstance(exc, (Overloaded, BatcherStopped)):
+        return "overloaded", str(exc)
+    if isinstance(exc, ModelUnavailable):
+        return "model_unavailable", "the model is not responding"
+    incident = incidents.report(log, "%s failed: %s: %s", None, what, type(exc).__name__, exc)
+    return "internal", f"internal server error (incident {incident})"
+
+
 @dataclass
 class _PendingFinal:
     segment: SegmentEnded
@@ -217,17 +232,7 @@ class Session:
             exc = p.future.exception()
             if exc is not None:
                 # The words are lost for this segment only; say so instead of hanging.
-                if isinstance(exc, ItemError):
-                    code, why = exc.code, str(exc)
-                elif isinstance(exc, (Overloaded, BatcherStopped)):
-                    code, why = "overloaded", str(exc)
-                elif isinstance(exc, ModelUnavailable):
-                    code, why = "model_unavailable", "the model is not responding"
-                else:
-                    # Raw exception text stays in the log: it may hold paths or model internals.
-                    incident = incidents.report(log, "session %s: segment %d failed: %s: %s", None,
-                                                self.id, seg.segment_id, type(exc).__name__, exc)
-                    code, why = "internal", f"internal server error (incident {incident})"
+                code, why = segment_failure(exc, f"session {self.id}: segment {seg.segment_id}")
                 self.output.on_error(code, f"segment {seg.segment_id} could not be recognised: {why}", False)
                 self.output.on_final(seg.segment_id, "", seg.start_ms, seg.end_ms, seg.cut_ms, {"error": code})
                 continue
@@ -284,4 +289,4 @@ class Session:
         self.output.on_partial(segment_id, t.text, start_ms, end_ms, result_fields(t), words)
 
 
-__all__ = ["Session", "SessionOutput", "AudioFormatError", "result_fields", "stream_words"]
+__all__ = ["Session", "SessionOutput", "AudioFormatError", "result_fields", "segment_failure", "stream_words"]

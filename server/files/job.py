@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import threading
 import uuid
 from concurrent.futures import Executor
@@ -25,18 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from server import incidents
 from server.audio.codecs import AudioFormatError
 from server.audio.media import AudioTooLong, iter_file
-from server.batcher import BatcherStopped, Kind, MicroBatcher, ModelUnavailable, Overloaded
+from server.batcher import Kind, MicroBatcher
 from server.config import FilesConfig, VadConfig
-from server.runners.base import ItemError, ItemOptions, Transcript, Word
-from server.session import result_fields, stream_words
+from server.runners.base import ItemOptions, Transcript, Word
+from server.session import result_fields, segment_failure, stream_words
 from server.spacing import join
 from server.vad.endpointer import Endpointer, EndpointerSettings, SegmentEnded
-
-log = logging.getLogger(__name__)
-
 
 class FileError(Exception):
     """The recording cannot be transcribed as a whole (it is not audio, too long, or the model
@@ -217,16 +212,7 @@ class FileJob:
             return None
         exc = fut.exception()
         if exc is not None:
-            if isinstance(exc, ItemError):
-                code = exc.code
-            elif isinstance(exc, (Overloaded, BatcherStopped)):
-                code = "overloaded"
-            elif isinstance(exc, ModelUnavailable):
-                code = "model_unavailable"
-            else:
-                incidents.report(log, "file job %s: segment at %d ms failed: %s: %s", None,
-                                 self.id, event.start_ms, type(exc).__name__, exc)
-                code = "internal"
+            code, _ = segment_failure(exc, f"file job {self.id}: segment at {event.start_ms} ms")
             return Segment(index, event.start_ms, event.end_ms, "", error=code)
         t: Transcript = fut.result()
         fields = result_fields(t)
