@@ -90,8 +90,7 @@ class ApiServer:
         self.app = app
         self.config = app.config
         self._executor = ThreadPoolExecutor(self.config.files.decode_threads, thread_name_prefix="file-decode")
-        self._active = 0
-        self._jobs: set[asyncio.Task] = set()
+        self._jobs: set[asyncio.Task] = set()  # transcription requests in progress
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._port: int | None = None
@@ -138,13 +137,11 @@ class ApiServer:
     async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         """Access (token, Origin) as on the main port, CORS for allowed browser Origins,
         OpenAI-shaped errors, and nothing a request does escapes as a traceback."""
-        route = request.path if request.path in _ROUTES or request.path.startswith(MODELS_PATH) else "other"
-        route = MODELS_PATH if route.startswith(MODELS_PATH) else route
-        ws_request = WsRequest(request.path_qs, Headers(list(request.headers.items())))
+        route = MODELS_PATH if request.path.startswith(MODELS_PATH) else request.path if request.path in _ROUTES else "other"
         status = 500
         try:
             if request.method != "OPTIONS":
-                denied = self.app.access.check(ws_request, request.path, self._secure)
+                denied = self.app.access.check(_as_ws_request(request), request.path, self._secure)
                 if denied is not None:
                     body = json.loads(denied.body or b"{}")
                     kind = "authentication_error" if denied.status_code == 401 else "permission_error"
@@ -169,18 +166,19 @@ class ApiServer:
             response.headers.update(self._cors(request))
         return response
 
+    def _browser_allowed(self, request: web.Request) -> bool:
+        """A browser page (it sent an Origin) whose Origin may use this server."""
+        return bool(request.headers.get("Origin")) and self.app.access.origin_allowed(_as_ws_request(request), self._secure)
+
     def _cors(self, request: web.Request) -> dict[str, str]:
         """The CORS headers that let an allowed browser Origin's script read the answer."""
-        origin = request.headers.get("Origin")
-        ws_request = WsRequest(request.path_qs, Headers(list(request.headers.items())))
-        if origin and self.app.access.origin_allowed(ws_request, self._secure):
-            return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        if self._browser_allowed(request):
+            return {"Access-Control-Allow-Origin": request.headers["Origin"], "Vary": "Origin"}
         return {}
 
     async def _preflight(self, request: web.Request) -> web.Response:
         """CORS preflight (a browser asks before sending Authorization): allowed Origins only."""
-        ws_request = WsRequest(request.path_qs, Headers(list(request.headers.items())))
-        if not request.headers.get("Origin") or not self.app.access.origin_allowed(ws_request, self._secure):
+        if not self._browser_allowed(request):
             raise ApiError(403, "this Origin may not use this server; list it in server.allowed_origins", "forbidden_origin",
                            kind="permission_error")
         return web.Response(status=204, headers={
@@ -221,10 +219,9 @@ class ApiServer:
         refusal = self.app.availability()
         if refusal is not None:
             raise ApiError(503, refusal.message, "unavailable", kind="server_error", retry_after=refusal.retry_after_s or 1)
-        if self._active >= self.config.api.max_concurrent_requests:
+        if len(self._jobs) >= self.config.api.max_concurrent_requests:
             raise ApiError(503, "too many transcriptions in progress; try again shortly", "overloaded",
                            kind="server_error", retry_after=1)
-        self._active += 1
         task = asyncio.current_task()
         assert task is not None
         self._jobs.add(task)
@@ -235,7 +232,6 @@ class ApiServer:
                 upload.seek(0)
                 return await self._run(request, req, upload)
         finally:
-            self._active -= 1
             self._jobs.discard(task)
 
     async def _read_form(self, request: web.Request, upload: IO[bytes]) -> dict[str, list[str]]:
@@ -391,6 +387,11 @@ class ApiServer:
         finally:
             running.cancel()
         return response
+
+
+def _as_ws_request(request: web.Request) -> WsRequest:
+    """The request as server/transport/access.py reads one (websockets' form)."""
+    return WsRequest(request.path_qs, Headers(list(request.headers.items())))
 
 
 def _sse(event: dict[str, Any]) -> bytes:
