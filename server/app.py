@@ -184,35 +184,22 @@ class ChorusServer:
                     compression=None,
                 )
             except OSError as exc:
-                self._server.close()
-                raise ConfigError(
-                    f"the FunASR-compatible listener cannot open port {self.config.funasr.port} ({exc.strerror}); "
-                    "choose another with --funasr-port N, or turn it off with --funasr-port 0"
-                ) from exc
+                raise self._cannot_listen("FunASR-compatible listener", self.config.funasr.port, exc,
+                                          "choose another with --funasr-port N, or turn it off with --funasr-port 0") from exc
             log.info("FunASR-compatible listener on %s://%s:%d", "wss" if tls else "ws", cfg.host, self.funasr_port)
         if self.config.audiosocket.port:
             try:
                 self._audiosocket_server = await audiosocket_transport.serve(self)
             except OSError as exc:
-                for listener in (self._server, self._funasr_server):
-                    if listener is not None:
-                        listener.close()
-                raise ConfigError(
-                    f"the AudioSocket listener cannot open port {self.config.audiosocket.port} ({exc.strerror}); "
-                    "choose another with --audiosocket-port N"
-                ) from exc
+                raise self._cannot_listen("AudioSocket listener", self.config.audiosocket.port, exc,
+                                          "choose another with --audiosocket-port N") from exc
             log.info("AudioSocket listener on tcp://%s:%d", cfg.host, self.audiosocket_port)
         if self.api is not None:
             try:
                 await self.api.start(self.config.api_port or 0, tls)
             except OSError as exc:
-                for listener in (self._server, self._funasr_server, self._audiosocket_server):
-                    if listener is not None:
-                        listener.close()
-                raise ConfigError(
-                    f"the HTTP API cannot open port {self.config.api_port} ({exc.strerror}); "
-                    "choose another with --api-port N, or turn it off with --api-port 0"
-                ) from exc
+                raise self._cannot_listen("HTTP API", self.config.api_port or 0, exc,
+                                          "choose another with --api-port N, or turn it off with --api-port 0") from exc
             log.info("HTTP API (OpenAI-compatible transcriptions) on %s://%s:%d%s", "https" if tls else "http",
                      cfg.host, self.api.port, api_transport.TRANSCRIPTIONS_PATH)
         self._monitor_task = asyncio.create_task(self._monitor())
@@ -224,6 +211,14 @@ class ChorusServer:
     def port(self) -> int:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
+
+    def _cannot_listen(self, what: str, port: int, exc: OSError, hint: str) -> ConfigError:
+        """A listener's port is taken: close the listeners already open, so a failed start
+        leaves none behind, and say which setting to change."""
+        for listener in (self._server, self._funasr_server, self._audiosocket_server):
+            if listener is not None:
+                listener.close()
+        return ConfigError(f"the {what} cannot open port {port} ({exc.strerror}); {hint}")
 
     @property
     def api_port(self) -> int | None:

@@ -358,3 +358,24 @@ def test_shutdown_finishes_running_transcriptions_and_refuses_new_ones(whisper_r
     t.join(10)
     assert wer(" ".join(ref for _, _, ref in spans), got["long"].text) <= 0.12, got
     srv.loop.call_soon_threadsafe(srv.loop.stop)
+
+
+def test_a_taken_api_port_is_a_config_error_that_names_the_flag(whisper_runner):
+    import socket
+
+    from server.app import ChorusServer
+    from server.config import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = make_config(**{"api.port": taken.getsockname()[1]})
+
+        async def main():
+            app = ChorusServer(cfg, runner=whisper_runner, preloaded=True)
+            with pytest.raises(ConfigError, match="the HTTP API cannot open port .*--api-port 0"):
+                await app.start()
+            await asyncio.wait_for(app._server.wait_closed(), 10)  # the main listener it had opened closes again
+            assert not app._server.is_serving()
+
+        asyncio.run(main())
