@@ -271,6 +271,21 @@ class Connection:
         for session in self.all_sessions():
             await session.stop()
 
+    async def feed(self, session: "Session", data: bytes, step: int, after: Callable[[], None] | None = None) -> None:
+        """A large message fed to ``session`` in slices of ``step`` bytes: between slices it
+        waits for backpressure (which marks the socket held, so keepalive forgives a late pong)
+        or lets other sessions run, so one message never holds the event loop or fills the
+        batcher at once. ``after`` runs after each slice. Raises AudioFormatError as
+        ``Session.feed_audio`` does."""
+        for i in range(0, len(data), step):
+            session.feed_audio(data[i:i + step])
+            if after is not None:
+                after()
+            if session.held_back:
+                await self.backpressure()
+            else:
+                await asyncio.sleep(0)
+
     async def backpressure(self) -> None:
         """Wait (not reading the socket) while a session has too many finals queued."""
         for session in self.all_sessions():

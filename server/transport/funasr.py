@@ -30,6 +30,7 @@ from server.protocol.funasr import FunasrError, FunasrSettings, OnlineText
 from server.runners.base import Word
 from server.session import Session
 from server.stream_config import StreamConfig, language_list
+from server.spacing import join
 from server.transport import connection
 from server.transport.connection import CLOSE_POLICY, Close, Connection
 
@@ -159,12 +160,8 @@ class FunasrConnection(Connection):
             self.session.close()
         mode = self._mode
         if mode == "offline":
-            text = ""
-            words: list[Word] = []
-            for s in self._sentences:
-                if s.text:
-                    text += funasr.joiner(text, s.text) + s.text
-                words.extend(s.words)
+            text = join([s.text for s in self._sentences])
+            words: list[Word] = [w for s in self._sentences for w in s.words]
             self.send(funasr.result("offline", self._wav_name, text, True, words))
         if ack:
             self.send(funasr.end_ack(mode, self._wav_name, self._errors))
@@ -192,13 +189,7 @@ class FunasrConnection(Connection):
         await self._feed(session, audio.astype(np.float32).tobytes())
 
     async def _feed(self, session: Session, data: bytes) -> None:
-        step = _SLICE_BYTES * (2 if session.stream.encoding == "pcm_f32le" else 1)
-        for i in range(0, len(data), step):
-            session.feed_audio(data[i:i + step])
-            if session.held_back:
-                await self.backpressure()  # marks the socket as held, so keepalive forgives a late pong
-            else:
-                await asyncio.sleep(0)
+        await self.feed(session, data, _SLICE_BYTES * (2 if session.stream.encoding == "pcm_f32le" else 1))
 
     # ------------------------------------------------------------------ hooks
     async def finish(self, drain: bool) -> None:

@@ -225,11 +225,7 @@ class RealtimeConnection(Connection):
             data, self._odd = data[:usable], data[usable:]
         self._buffered_bytes += len(data)
         try:
-            for i in range(0, len(data), _SLICE_BYTES):
-                session.feed_audio(data[i:i + _SLICE_BYTES])
-                self._poll(session)
-                if session.held_back:
-                    await self.backpressure()
+            await self.feed(session, data, _SLICE_BYTES, lambda: self._poll(session))
         except AudioFormatError as e:  # not reached: whole samples of these encodings always decode
             self._reject(RealtimeError("bad_audio", f"{e}; audio dropped", "audio", event.event_id))
 
