@@ -16,6 +16,7 @@ file on stderr (the end of the last finished segment over the file's probed dura
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import mimetypes
@@ -268,14 +269,10 @@ def transcript_from_verbose(body: dict[str, Any], duration_s: float | None) -> F
     segments = [segment_from_json(s, i) for i, s in enumerate(body.get("segments") or [])]
     words = [Word(w["word"], _ms(w["start"]), _ms(w["end"])) for w in body.get("words") or []]
     if words and segments:
-        segments = [_with_words(s, [w for w in words if s.start_ms <= w.start_ms < s.end_ms or
-                                    (s is segments[-1] and w.start_ms >= s.start_ms)]) for s in segments]
+        segments = [dataclasses.replace(s, words=[w for w in words if s.start_ms <= w.start_ms < s.end_ms or
+                                                  (s is segments[-1] and w.start_ms >= s.start_ms)]) for s in segments]
     duration = body.get("duration")
     return _transcript(segments, float(duration) if isinstance(duration, (int, float)) else duration_s)
-
-
-def _with_words(s: Segment, words: list[Word]) -> Segment:
-    return Segment(s.id, s.start_ms, s.end_ms, s.text, s.language, words, s.fields, s.tokens, s.error)
 
 
 def _transcript(segments: list[Segment], duration_s: float | None) -> FileTranscript:
