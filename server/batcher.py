@@ -52,7 +52,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -418,25 +418,13 @@ class MicroBatcher:
 
     def _take_batch(self) -> list[Request]:
         """Pick the next batch (lock held): finals first, one bucket, size and audio budget."""
-        edge = self.bucket_edges
-        budget = self.config.max_batch_audio_s
         batch: list[Request] = []
-
-        def fits(r: Request) -> bool:
-            if len(batch) >= self.max_batch:
-                return False
-            # Padded cost: every item in a bucket costs the bucket's upper edge.
-            per_item = edge[r.bucket] if edge else r.seconds
-            return not batch or per_item * (len(batch) + 1) <= budget
-
         queue = self._next_queue()
         if queue and queue[0].kind is Kind.FILE:
             batch = self._take_files()
         elif queue:
             bucket = queue[0].bucket
-            for r in queue:
-                if r.bucket == bucket and fits(r):  # fits() reads the batch as it grows
-                    batch.append(r)
+            batch = self._fill((r for r in queue if r.bucket == bucket), self.max_batch)
             taken = set(map(id, batch))
             if batch[0].kind is Kind.FINAL:
                 self._finals = collections.deque(r for r in self._finals if id(r) not in taken)
@@ -449,6 +437,21 @@ class MicroBatcher:
             self._aged_partials_last = batch[0].kind is Kind.PARTIAL and bool(self._finals)
             self._aged_files_last = batch[0].kind is Kind.FILE and bool(self._finals or self._partials)
         self._publish_depth()
+        return batch
+
+    def _fill(self, candidates: Iterable[Request], most: int) -> list[Request]:
+        """A batch of ``candidates`` (one bucket), in their order: at most ``most`` items, and
+        at most `max_batch_audio_s` of padded audio (every item costs its bucket's upper edge);
+        the first always goes."""
+        edge = self.bucket_edges
+        budget = self.config.max_batch_audio_s
+        batch: list[Request] = []
+        for r in candidates:
+            if len(batch) >= most:
+                break
+            per_item = edge[r.bucket] if edge else r.seconds
+            if not batch or per_item * (len(batch) + 1) <= budget:
+                batch.append(r)
         return batch
 
     def _take_files(self) -> list[Request]:
@@ -469,17 +472,7 @@ class MicroBatcher:
             full = [b for b, rs in by_bucket.items() if len(rs) >= self.max_batch]
             if full and bucket not in full:
                 bucket = min(full, key=lambda b: by_bucket[b][0].seq)
-        slots = max(1, self._file_slots(now))
-        budget = self.config.max_batch_audio_s
-        edge = self.bucket_edges
-        batch: list[Request] = []
-        for r in sorted(by_bucket[bucket], key=lambda r: -len(r.audio)):
-            if len(batch) >= slots:
-                break
-            per_item = edge[r.bucket] if edge else r.seconds
-            if batch and per_item * (len(batch) + 1) > budget:
-                break
-            batch.append(r)
+        batch = self._fill(sorted(by_bucket[bucket], key=lambda r: -len(r.audio)), max(1, self._file_slots(now)))
         taken = set(map(id, batch))
         self._files = [r for r in self._files if id(r) not in taken]
         return batch
