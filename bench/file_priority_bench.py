@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import io
 import json
 import sys
 import threading
@@ -25,7 +24,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import av
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from client_demo.loadgen import SpawnedServer, _free_port, _run_sessions, _samples, machine, summarize  # noqa: E402
 from server.audio.wavfile import load_audio_16k  # noqa: E402
+from tests.audiofiles import encode  # noqa: E402
 
 CLIPS = sorted((ROOT / "tests" / "data").glob("*.wav"))
 
@@ -47,23 +46,7 @@ def long_recording(minutes: float, seed: int) -> bytes:
         pause = np.zeros(int(rng.uniform(0.5, 2.0) * 16000), np.float32)
         parts += [clip, pause]
         total += len(clip) + len(pause)
-    audio = np.concatenate(parts)
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp3") as out:
-        stream = out.add_stream("libmp3lame", rate=16000)
-        stream.layout = "mono"
-        stream.bit_rate = 64000
-        resampler = av.AudioResampler(format=stream.format.name, layout="mono", rate=16000)
-        pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
-        for i in range(0, len(pcm), 16000):
-            frame = av.AudioFrame.from_ndarray(pcm[None, i:i + 16000], format="s16", layout="mono")
-            frame.sample_rate = 16000
-            for f in resampler.resample(frame):
-                out.mux(stream.encode(f))
-        for f in resampler.resample(None):
-            out.mux(stream.encode(f))
-        out.mux(stream.encode(None))
-    return buf.getvalue()
+    return encode(np.concatenate(parts), "mp3", bit_rate=64000)[1]
 
 
 def post_files(api: str, files: list[bytes], results: list[dict]) -> None:

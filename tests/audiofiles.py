@@ -22,13 +22,16 @@ FORMATS = {
 }
 
 
-def encode(audio: np.ndarray, name: str, rate: int = 16000) -> tuple[str, bytes]:
-    """``audio`` (float32 mono at ``rate``) as a file of format ``name``: (filename, bytes)."""
+def encode(audio: np.ndarray, name: str, rate: int = 16000, bit_rate: int | None = None) -> tuple[str, bytes]:
+    """``audio`` (float32 mono at ``rate``) as a file of format ``name`` (at the encoder's
+    default bit rate unless given): (filename, bytes)."""
     container_format, codec, codec_rate, ext = FORMATS[name]
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=container_format) as out:
         stream = out.add_stream(codec, rate=codec_rate)
         stream.layout = "mono"
+        if bit_rate is not None:
+            stream.bit_rate = bit_rate
         resampler = av.AudioResampler(format=stream.format.name, layout="mono", rate=codec_rate)
         pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
         step = rate // 10

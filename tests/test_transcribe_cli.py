@@ -17,6 +17,7 @@ import pytest
 
 from server.cli import main
 from server.wer import word_error_rate
+from tests import audiofiles
 from tests.serverharness import CLIPS, TRANSCRIPTS, ServerThread, make_config, read_clip
 
 JFK = next(c for c in CLIPS if c.name == "jfk.wav")
@@ -25,17 +26,9 @@ GAP_S = 2.0  # silence between clips in the long file: well over vad.endpoint_ms
 CUE_RE = re.compile(r"^(\d\d):(\d\d):(\d\d)[,.](\d\d\d) --> (\d\d):(\d\d):(\d\d)[,.](\d\d\d)$")
 
 
-def encode(path: Path, audio: np.ndarray, codec: str, rate: int = 16000) -> Path:
-    """Write 16 kHz mono float audio with one of FFmpeg's encoders (the container from the suffix)."""
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=rate)
-        stream.layout = "mono"
-        frame = av.AudioFrame.from_ndarray((np.clip(audio, -1, 1) * 32767).astype("<i2")[None, :], format="s16", layout="mono")
-        frame.rate = 16000
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
+def encode(path: Path, audio: np.ndarray, fmt: str) -> Path:
+    """Write 16 kHz mono float audio as a file of format ``fmt`` (tests/audiofiles.py)."""
+    path.write_bytes(audiofiles.encode(audio, fmt)[1])
     return path
 
 
@@ -49,7 +42,7 @@ def long_file(tmp_path_factory) -> tuple[Path, list[tuple[str, float, float]]]:
         spans.append((clip.name, t, t + len(audio) / 16000))
         parts += [audio, gap]
         t += len(audio) / 16000 + GAP_S
-    path = encode(tmp_path_factory.mktemp("long") / "long.mp3", np.concatenate(parts), "libmp3lame")
+    path = encode(tmp_path_factory.mktemp("long") / "long.mp3", np.concatenate(parts), "mp3")
     assert t > 45  # longer than Whisper's window, and than files.max_segment_s
     return path, spans
 
@@ -79,8 +72,8 @@ def check_cue_times(times: list[tuple[int, int]], duration_ms: float) -> None:
 def test_local_decodes_any_format(tmp_path, capsys):
     clip = read_clip(AUSTEN[0])
     files = [JFK,
-             encode(tmp_path / "a.mp3", clip, "libmp3lame"),
-             encode(tmp_path / "b.ogg", read_clip(AUSTEN[2]), "libopus", 48000),
+             encode(tmp_path / "a.mp3", clip, "mp3"),
+             encode(tmp_path / "b.ogg", read_clip(AUSTEN[2]), "opus"),
              encode(tmp_path / "c.flac", read_clip(AUSTEN[3]), "flac")]
     refs = [TRANSCRIPTS[JFK.name], TRANSCRIPTS[AUSTEN[0].name], TRANSCRIPTS[AUSTEN[2].name], TRANSCRIPTS[AUSTEN[3].name]]
     code, out, err = run(capsys, "--language", "en", "--json", *map(str, files))
@@ -194,7 +187,7 @@ def test_against_a_running_server(whisper_runner, tmp_path, capsys, monkeypatch)
     monkeypatch.delenv("CHORUS_TOKEN", raising=False)
     tokens = tmp_path / "tokens"
     tokens.write_text("s3cret\n")
-    mp3 = encode(tmp_path / "austen.mp3", read_clip(AUSTEN[4]), "libmp3lame")
+    mp3 = encode(tmp_path / "austen.mp3", read_clip(AUSTEN[4]), "mp3")
     with ServerThread(make_config(**{"server.auth_tokens_file": str(tokens)}), whisper_runner) as server:
         deadline = time.monotonic() + 60
         while not server.app.ready:
