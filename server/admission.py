@@ -9,30 +9,30 @@ Besides the fixed limits (sessions in all, sessions per client address) admissio
 capacity-aware, so that the sessions already admitted keep their latency and a load
 balancer sends newcomers to another replica (503 + Retry-After; /healthz says
 ``accepting: false``):
-- projected load: the model's busy share on finals over the last 20 s, divided by the
-  sessions open over that time (time-averaged, counting only sessions open for at least
-  10 s: a new session has sent no final yet, and counting it would make every session look
-  cheaper than it is), times the sessions one more admission would make; refused above
-  ``server.admission_max_model_load``. This looks ahead: a queue only shows overload once
-  the sessions that cause it are already in;
+- projected load: what one second of live stream costs the model on finals (measured over
+  the recent finals, each matched to the stream time since its session's previous final:
+  ``MicroBatcher.final_cost``), times the sessions one more admission would make; refused
+  above ``server.admission_max_model_load``. This looks ahead: a queue only shows overload
+  once the sessions that cause it are already in. Every open session is charged from its
+  first second, though it has sent no final yet: a session's own finals come only after its
+  first utterance, and waiting for them let several too many in while sessions arrived. An
+  idle session is charged as if it spoke like the others, because it may start any time;
 - backlog: finals already waiting longer than ``server.admission_max_final_wait_s``.
-Admitted sessions are never closed for load: their finals queue and are delivered.
+Before the model's first final nothing is measured and only the backlog and the fixed
+limits apply. Admitted sessions are never closed for load: their finals queue and are
+delivered.
 """
 
 from __future__ import annotations
 
 import collections
 import math
-import time
 from dataclasses import dataclass
 from typing import Hashable
 
-from server.batcher import LOAD_WINDOW_S, MicroBatcher
+from server.batcher import MicroBatcher
 from server.config import ServerConfig
 from server.metrics import Metrics
-
-# A session counts towards the per-session cost once open this long (it has had finals).
-SETTLED_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -51,25 +51,12 @@ class Admission:
         self.sessions = 0
         self._address_of: dict[Hashable, str] = {}
         self._per_address: collections.Counter[str] = collections.Counter()
-        self._counts: collections.deque[tuple[float, int]] = collections.deque()  # (time, settled sessions)
-        self._opened_at: dict[Hashable, float] = {}
-
-    def tick(self, now: float | None = None) -> None:
-        """Sample the session count (once a second, from the server's monitor)."""
-        now = time.monotonic() if now is None else now
-        settled = sum(1 for t in self._opened_at.values() if now - t >= SETTLED_S)
-        self._counts.append((now, settled))
-        while self._counts and self._counts[0][0] < now - LOAD_WINDOW_S:
-            self._counts.popleft()
 
     def projected_load(self) -> float:
-        """The model's busy share on finals if one more session were admitted (see module doc)."""
-        load = self.batcher.final_load()
-        if load <= 0:
-            return load
-        avg = sum(n for _, n in self._counts) / len(self._counts) if self._counts else 0.0
-        # No settled session yet: the load seen so far is taken as one session's (cautious).
-        return load / max(avg, 1.0) * (self.sessions + 1)
+        """The model's busy share on finals if one more session were admitted (see module doc);
+        0 while nothing is measured."""
+        cost = self.batcher.final_cost()
+        return 0.0 if cost is None else cost * (self.sessions + 1)
 
     def capacity_refusal(self) -> Refusal | None:
         """Refusal for any newcomer because of load (full, or finals waiting too long)."""
@@ -103,7 +90,6 @@ class Admission:
         if refusal is not None:
             return refusal
         self.sessions += 1
-        self._opened_at[key] = time.monotonic()
         self._address_of[key] = address
         self._per_address[address] += 1
         self.metrics.sessions_total.inc()
@@ -112,7 +98,6 @@ class Admission:
 
     def release(self, key: Hashable) -> None:
         address = self._address_of.pop(key, None)
-        self._opened_at.pop(key, None)
         if address is None:
             return
         self.sessions -= 1

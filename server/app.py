@@ -293,8 +293,8 @@ class ChorusServer:
             cpu = now
             ticks += 1
             if ticks % 10 == 0 and self.ready:
-                self.admission.tick()
                 self.metrics.final_load.set(self.batcher.final_load())
+                self.metrics.final_cost.set(self.batcher.final_cost() or 0.0)
                 self.metrics.final_wait.set(self.batcher.final_wait_s())
                 self.batcher.check_watchdog()
                 self.metrics.model_healthy.set(0 if self.batcher.broken_reason() else 1)

@@ -88,6 +88,8 @@ class ModelUnavailable(RuntimeError):
 _WAIT_WINDOW_S = 5.0
 # The model's busy time on finals is averaged over this trailing window (admission control).
 LOAD_WINDOW_S = 20.0
+# What a second of live stream costs the model on finals is measured over this trailing window.
+COST_WINDOW_S = 60.0
 # Partials' share of the model's time is measured over this trailing window (see _partial_overdue).
 _SHARE_WINDOW_S = 10.0
 # Weight of the newest call in the running estimate of seconds per item.
@@ -106,6 +108,9 @@ class Request:
     bucket: int
     enqueued: float = field(default_factory=time.monotonic)
     seq: int = 0
+    stream_s: float = 0.0
+    """A final's share of its session's stream: the audio since the session's previous final
+    (silence included). What admission charges per session is measured against it."""
 
     @property
     def seconds(self) -> float:
@@ -166,6 +171,9 @@ class MicroBatcher:
         self._final_calls: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds)
         self._partial_calls: collections.deque[tuple[float, float]] = collections.deque()
         self._file_calls: collections.deque[tuple[float, float]] = collections.deque()
+        # Final calls as (end, seconds, stream seconds their items account for): see final_cost.
+        self._final_costs: collections.deque[tuple[float, float, float]] = collections.deque()
+        self._final_cost: float | None = None
         self._started_at = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
@@ -201,12 +209,15 @@ class MicroBatcher:
     def bucket_of(self, seconds: float) -> int:
         return min(bisect.bisect_left(self.bucket_edges, seconds), len(self.bucket_edges) - 1) if self.bucket_edges else 0
 
-    def submit(self, audio: np.ndarray, options: ItemOptions, kind: Kind, session: Hashable) -> asyncio.Future:
+    def submit(self, audio: np.ndarray, options: ItemOptions, kind: Kind, session: Hashable,
+               stream_s: float = 0.0) -> asyncio.Future:
         """Queue one item; the future resolves to a Transcript (or None for a superseded partial).
-        FILE items always queue: their job bounds how much of its recording waits at once."""
+        FILE items always queue: their job bounds how much of its recording waits at once.
+        ``stream_s``: for a live final, the seconds of its session's stream it accounts for."""
         assert self._loop is not None, "batcher not started"
         fut = self._loop.create_future()
-        req = Request(audio, options, kind, session, fut, self.bucket_of(len(audio) / 16000.0), seq=next(self._seq))
+        req = Request(audio, options, kind, session, fut, self.bucket_of(len(audio) / 16000.0), seq=next(self._seq),
+                      stream_s=stream_s)
         replaced = None
         with self._cond:
             if not self._running:
@@ -322,6 +333,22 @@ class MicroBatcher:
         now = time.monotonic() if now is None else now
         with self._cond:
             return self._busy_share(self._final_calls, now, LOAD_WINDOW_S)
+
+    def final_cost(self, now: float | None = None) -> float | None:
+        """Model seconds spent on finals per second of live stream they account for, over the
+        final calls of the last `COST_WINDOW_S` (the latest measure when none was that recent;
+        None before the first final). Each final is matched to the stream time since its
+        session's previous final, so a session is measured from its first final on, silence and
+        batching included (a batch of finals costs one call for all of their streams). Admission
+        control charges every open session this much of the model per second."""
+        now = time.monotonic() if now is None else now
+        with self._cond:
+            while self._final_costs and self._final_costs[0][0] < now - COST_WINDOW_S:
+                self._final_costs.popleft()
+            stream = sum(s for _, _, s in self._final_costs)
+            if stream > 0:
+                self._final_cost = sum(c for _, c, _ in self._final_costs) / stream
+            return self._final_cost
 
     def _busy_share(self, calls: collections.deque[tuple[float, float]], now: float, window: float) -> float:
         """Share of the trailing ``window`` spent in these calls (lock held); trims old ones."""
@@ -606,6 +633,8 @@ class MicroBatcher:
                     kind = started[1][0].kind
                     busy = {Kind.FINAL: self._final_calls, Kind.PARTIAL: self._partial_calls}.get(kind, self._file_calls)
                     busy.append((end, end - started[0]))
+                    if kind is Kind.FINAL:
+                        self._final_costs.append((end, end - started[0], sum(r.stream_s for r in started[1])))
                     if kind is not Kind.PARTIAL:  # partials decode greedily: cheaper than what files cost
                         per_item = (end - started[0]) / len(started[1])
                         prev = self._item_s

@@ -260,10 +260,11 @@ class ServerConfig:
         "0 = no limit (behind a reverse proxy every client shares the proxy's address).",
     )
     admission_max_model_load: float = knob(
-        0.7, "Capacity-aware admission, looking ahead: the model's share of the last 20 s spent on "
-        "finals, per open session (time-averaged), times the sessions one more admission would make; "
-        "above this (0..1) new sessions get HTTP 503 with Retry-After and /healthz `accepting: false`. "
-        "The rest of the model's time goes to partials, which thin out under load. 0 = off.",
+        0.4, "Capacity-aware admission, looking ahead: what a second of live stream costs the model on "
+        "finals (measured over the last 60 s of finals), times the sessions one more admission would "
+        "make, is the model's projected share on finals; above this (0..1) new sessions get HTTP 503 "
+        "with Retry-After and /healthz `accepting: false`. Every open session is charged from its first "
+        "second. The rest of the model's time goes to partials, which thin out under load. 0 = off.",
     )
     admission_max_final_wait_s: float = knob(
         2.0, "Capacity-aware admission: while finals wait longer than this in the batcher (the "

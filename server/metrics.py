@@ -87,8 +87,12 @@ class Metrics:
             "waiting too long, not draining).", registry=r,
         )
         self.final_load = Gauge(
-            "chorus_model_final_load", "Share of the last 20 s the model spent on finals (what capacity-aware "
-            "admission projects per session).", registry=r,
+            "chorus_model_final_load", "Share of the last 20 s the model spent on finals.", registry=r,
+        )
+        self.final_cost = Gauge(
+            "chorus_model_final_cost", "Model seconds spent on finals per second of live stream, over the last "
+            "60 s of finals (capacity-aware admission charges every open session this; 0 before the first final).",
+            registry=r,
         )
         self.final_wait = Gauge(
             "chorus_final_wait_seconds", "How long finals wait for the model now (what capacity-aware admission reads).",

@@ -125,6 +125,7 @@ class Session:
         self._partials_wanted = partials_wanted
         self._partial_future: asyncio.Future | None = None
         self._last_partial_request_ms = 0
+        self._accounted_ms = 0  # the stream clock up to which finals have been submitted
         self._partial_seq = 0
         self._last_partial_seq = 0
         self._open_segment: int | None = None
@@ -216,7 +217,11 @@ class Session:
         if self._open_segment == seg.segment_id:
             self._open_segment = None
         self.metrics.segments.labels(seg.reason).inc()
-        fut = self.batcher.submit(seg.audio, self.options, Kind.FINAL, self.id)
+        # The stream time this final accounts for, silence before it included: what a session
+        # costs the model per second of its stream is measured from it (admission control).
+        stream_s = max(0, seg.cut_ms - self._accounted_ms) / 1000.0
+        self._accounted_ms = max(self._accounted_ms, seg.cut_ms)
+        fut = self.batcher.submit(seg.audio, self.options, Kind.FINAL, self.id, stream_s=stream_s)
         pending = _PendingFinal(seg, fut, time.monotonic())
         self._finals.append(pending)
         fut.add_done_callback(lambda _f: self._drain_finals())
