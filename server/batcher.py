@@ -86,7 +86,7 @@ class ModelUnavailable(RuntimeError):
 
 # Final queue waits are summarised over this trailing window for admission control.
 _WAIT_WINDOW_S = 5.0
-# The model's busy time on finals is averaged over this trailing window (admission control).
+# The model's busy time on finals is averaged over this trailing window (the final-load gauge).
 LOAD_WINDOW_S = 20.0
 # What a second of live stream costs the model on finals is measured over this trailing window.
 COST_WINDOW_S = 60.0
@@ -329,7 +329,7 @@ class MicroBatcher:
     def final_load(self, now: float | None = None) -> float:
         """Share of the last `LOAD_WINDOW_S` seconds the model spent on calls of finals (0..1).
         Finals are the work the server owes every admitted session; partials fill what is
-        left and thin out under load. Admission control projects this per session."""
+        left and thin out under load. Published as a gauge; admission projects `final_cost`."""
         now = time.monotonic() if now is None else now
         with self._cond:
             return self._busy_share(self._final_calls, now, LOAD_WINDOW_S)

@@ -219,8 +219,9 @@ class Session:
         self.metrics.segments.labels(seg.reason).inc()
         # The stream time this final accounts for, silence before it included: what a session
         # costs the model per second of its stream is measured from it (admission control).
-        stream_s = max(0, seg.cut_ms - self._accounted_ms) / 1000.0
-        self._accounted_ms = max(self._accounted_ms, seg.cut_ms)
+        # Cuts only move forward (segments never overlap), so each stretch is counted once.
+        stream_s = (seg.cut_ms - self._accounted_ms) / 1000.0
+        self._accounted_ms = seg.cut_ms
         fut = self.batcher.submit(seg.audio, self.options, Kind.FINAL, self.id, stream_s=stream_s)
         pending = _PendingFinal(seg, fut, time.monotonic())
         self._finals.append(pending)
