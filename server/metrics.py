@@ -94,6 +94,17 @@ class Metrics:
             "60 s of finals (capacity-aware admission charges every open session this; 0 before the first final).",
             registry=r,
         )
+        self.projected_final = Gauge(
+            "chorus_admission_projected_final_seconds", "What capacity-aware admission projects a final to take "
+            "in the model (waiting for the call in flight, then its own batched call) with one more session "
+            "open; compared with server.admission_target_final_s. 0 before the first final.", registry=r,
+        )
+        self.load_ratio = Gauge(
+            "chorus_load_ratio", "Load relative to what this replica admits, for autoscalers (deploy/kubernetes): "
+            "the larger of open sessions (as the model sees them) / server.max_sessions and, once a final has "
+            "been measured, the finals' projected busy share of the model / server.admission_max_model_load "
+            "(/ 1 when that is off). 1 = newcomers are refused; 0 = idle.", registry=r,
+        )
         self.final_wait = Gauge(
             "chorus_final_wait_seconds", "How long finals wait for the model now (what capacity-aware admission reads).",
             registry=r,
@@ -121,9 +132,18 @@ class Metrics:
         self.call_subscribers_dropped = Counter(
             "chorus_call_subscribers_dropped", "/v1/calls subscribers disconnected for not reading their events.", registry=r,
         )
+        self.call_history_bytes = Gauge(
+            "chorus_call_history_bytes", "Encoded bytes of call events kept for late /v1/calls subscribers, over "
+            "every call (bounded by calls.max_history_bytes).", registry=r,
+        )
+        self.call_history_dropped = Counter(
+            "chorus_call_history_dropped_events", "Call events left out of (or dropped from) the history kept for late "
+            "subscribers, by reason: call_limit (calls.history_events/history_bytes), total_limit "
+            "(calls.max_history_bytes), evicted (an ended call forgotten early to make room).", ["reason"], registry=r,
+        )
         self.webhook_events = Counter(
             "chorus_webhook_events", "Call events handed to the webhook, by outcome: delivered, failed (every try "
-            "failed, or a 4xx that is not retried), dropped (the call's queue was full, or shutdown came first).",
+            "failed, or a 4xx that is not retried), dropped (a queue bound was reached, or shutdown came first).",
             ["outcome"], registry=r,
         )
         self.webhook_requests = Counter(
@@ -131,6 +151,10 @@ class Metrics:
             ["result"], registry=r,
         )
         self.webhook_pending = Gauge("chorus_webhook_pending_events", "Call events waiting for webhook delivery.", registry=r)
+        self.webhook_pending_bytes = Gauge(
+            "chorus_webhook_pending_bytes", "Encoded bytes of call events waiting for webhook delivery (bounded by "
+            "webhook.max_pending_bytes per call and webhook.max_total_pending_bytes).", registry=r,
+        )
         self.webhook_delay = Histogram(
             "chorus_webhook_delivery_seconds", "From an event's publication to its successful delivery (retries included).",
             buckets=_LATENCY_BUCKETS, registry=r,

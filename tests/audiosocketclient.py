@@ -36,11 +36,13 @@ class AudioSocketRun:
 async def audiosocket_call(port: int, call_uuid: uuidlib.UUID | None, audio: np.ndarray | None, rate: int = 8000, *,
                            speed: float = 1.0, dtmf_at_ms: dict[int, str] | None = None, hangup: bool = True,
                            raw_before: bytes = b"", raw_after: bytes = b"", split: int | None = None,
-                           read_timeout: float = 60.0) -> AudioSocketRun:
+                           read_timeout: float = 60.0, host: str = "127.0.0.1",
+                           local_addr: tuple[str, int] | None = None) -> AudioSocketRun:
     """One call: UUID, 20 ms audio frames paced at ``speed`` x real time, then a hangup frame.
     ``raw_before``/``raw_after`` go out as given (malformed frames); ``split`` sends every frame in
-    pieces of that many bytes (TCP may split anywhere)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    pieces of that many bytes (TCP may split anywhere). ``host``: the listener's address;
+    ``local_addr``: the address to call from (another loopback address is another peer)."""
+    reader, writer = await asyncio.open_connection(host, port, local_addr=local_addr)
     loop = asyncio.get_running_loop()
     received = bytearray()
     closed = False

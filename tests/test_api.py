@@ -379,3 +379,150 @@ def test_a_taken_api_port_is_a_config_error_that_names_the_flag(whisper_runner):
             assert not app._server.is_serving()
 
         asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- bounds on requests (issue 22, item 5)
+BOUNDARY = "chorus-test-boundary"
+FORM_HEAD = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+             f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+             "Content-Type: audio/wav\r\n\r\n").encode()
+FORM_TAIL = f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+@pytest.fixture(scope="module")
+def limited(whisper_runner):
+    cfg = make_config(**{"api.max_requests_per_address": 2, "api.max_spool_bytes": 400_000,
+                         "api.body_timeout_s": 1.0, "api.min_body_rate": 1000, "api.max_body_s": 3.0})
+    with ServerThread(cfg, whisper_runner) as srv:
+        yield srv
+
+
+async def open_upload(srv: ServerThread, file_bytes: int, first: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw upload of a ``file_bytes`` file whose headers, form head and ``first`` bytes of
+    the file are sent; the rest is up to the caller."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.app.api_port)
+    length = len(FORM_HEAD) + file_bytes + len(FORM_TAIL)
+    writer.write(f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1:{srv.app.api_port}\r\n"
+                 f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {length}\r\n\r\n".encode()
+                 + FORM_HEAD + first)
+    await writer.drain()
+    return reader, writer
+
+
+async def answer(reader: asyncio.StreamReader, timeout: float) -> tuple[int, bytes]:
+    """The status and the rest of what the server sent until it closed the connection."""
+    data = await asyncio.wait_for(reader.read(), timeout)
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
+    return status, data
+
+
+async def wait_jobs(srv: ServerThread, n: int) -> None:
+    """Until ``n`` transcription requests are in progress on the server."""
+    deadline = time.monotonic() + 10
+    while len(srv.app.api._jobs) != n:
+        assert time.monotonic() < deadline, len(srv.app.api._jobs)
+        await asyncio.sleep(0.02)
+
+
+def silence_wav(seconds: float = 1.0) -> tuple[str, bytes]:
+    return encode(np.zeros(int(seconds * 16000), np.float32), "wav")
+
+
+def test_form_fields_are_bounded_in_number_and_in_bytes_together(server):
+    many = {f"x{i}": "1" for i in range(33)}  # 33 fields besides `file` and `model`: 34 in all
+    got, body = raw_post(server, {"model": "whisper-1", **many}, silence_wav())
+    assert (got, body["error"]["code"]) == (400, "too_many_fields"), body
+    # Each under the 64 KiB field limit, 300 KB together.
+    big = {f"x{i}": "y" * 60_000 for i in range(5)}
+    got, body = raw_post(server, {"model": "whisper-1", **big}, silence_wav())
+    assert (got, body["error"]["code"]) == (413, "fields_too_large"), body
+    assert body["error"]["type"] == "invalid_request_error" and "api.max_form_bytes" in body["error"]["message"]
+    # OpenAI's own fields (8 of them, a long prompt) pass.
+    r = client(server).audio.transcriptions.create(model="whisper-1", file=("jfk.wav", jfk_bytes()), language="en",
+                                                   prompt="p" * 60_000, response_format="verbose_json",
+                                                   temperature=0, timestamp_granularities=["word", "segment"])
+    assert wer(TRANSCRIPTS[JFK.name], r.text) <= 0.1
+
+
+def test_a_body_that_stalls_or_trickles_is_cut_with_408_and_frees_its_slot(limited):
+    async def main():
+        # Stalls: 100 bytes of a 100 KB file, then nothing; 1 s + 0.1 s allowed.
+        t0 = time.monotonic()
+        reader, writer = await open_upload(limited, 100_000, b"\0" * 100)
+        status, data = await answer(reader, 8)
+        stalled = time.monotonic() - t0
+        assert status == 408 and b'"code": "request_timeout"' in data, data[:400]
+        assert 1.0 <= stalled < 2.5, stalled  # and the connection was closed right after (read() hit EOF)
+        writer.close()
+        # Trickles at 5 KB/s, above the minimum rate, but the whole body may take 3 s at most.
+        t0 = time.monotonic()
+        reader, writer = await open_upload(limited, 100_000)
+        sent = 0
+        while not reader.at_eof() and sent < 100_000 and time.monotonic() - t0 < 8:
+            writer.write(b"\0" * 500)
+            sent += 500
+            await asyncio.sleep(0.1)
+            if reader._buffer:  # the answer came
+                break
+        status, data = await answer(reader, 8)
+        took = time.monotonic() - t0
+        assert status == 408, data[:400]
+        assert 3.0 <= took < 4.5 and sent < 50_000, (took, sent)
+        print(f"\nbody cut: stalled after 100 bytes at {stalled:.2f} s, trickling {sent} bytes at {took:.2f} s")
+        writer.close()
+        await wait_jobs(limited, 0)  # both slots are free again
+
+    asyncio.run(main())
+    r = client(limited).audio.transcriptions.create(model="whisper-1", file=("jfk.wav", jfk_bytes()))
+    assert wer(TRANSCRIPTS[JFK.name], r.text) <= 0.1
+
+
+def test_spool_space_is_bounded_across_concurrent_uploads(limited):
+    async def main():
+        # One upload holds 300 KB of the 400 KB spool (its body has 3 s to finish).
+        reader, writer = await open_upload(limited, 350_000, b"\0" * 300_000)
+        await wait_jobs(limited, 1)
+        await asyncio.sleep(0.3)  # its 300 KB are read and spooled
+        got = await asyncio.to_thread(raw_post, limited, {"model": "whisper-1"}, ("a.wav", silence_wav(5)[1]))  # 160 KB
+        writer.transport.abort()
+        return got
+
+    got, body = asyncio.run(main())
+    assert (got, body["error"]["code"]) == (507, "insufficient_storage"), body
+    # The space comes back when the first upload ends.
+    asyncio.run(wait_jobs(limited, 0))
+    got, body = raw_post(limited, {"model": "whisper-1"}, ("a.wav", silence_wav(5)[1]))
+    assert got == 200 and body["text"] == "", body
+
+
+def test_requests_per_address_are_bounded_with_429_and_retry_after(limited):
+    async def main():
+        holders = [await open_upload(limited, 50_000, b"\0" * 1000) for _ in range(2)]
+        await wait_jobs(limited, 2)
+        async with aiohttp.ClientSession() as s:
+            form = aiohttp.FormData()
+            form.add_field("model", "whisper-1")
+            form.add_field("file", silence_wav()[1], filename="a.wav")
+            async with s.post(f"http://127.0.0.1:{limited.app.api_port}/v1/audio/transcriptions", data=form) as r:
+                status, retry, body = r.status, r.headers.get("Retry-After"), await r.json()
+        for _, writer in holders:
+            writer.transport.abort()
+        return status, retry, body
+
+    status, retry, body = asyncio.run(main())
+    assert (status, body["error"]["code"]) == (429, "rate_limit_exceeded") and retry and int(retry) >= 1, body
+    asyncio.run(wait_jobs(limited, 0))
+    with pytest.raises(openai.RateLimitError):  # what the SDK makes of it (and retries, with max_retries > 0)
+        async def again():
+            holders = [await open_upload(limited, 50_000, b"\0" * 1000) for _ in range(2)]
+            await wait_jobs(limited, 2)
+            try:
+                await asyncio.to_thread(client(limited).audio.transcriptions.create, model="whisper-1",
+                                        file=silence_wav())
+            finally:
+                for _, writer in holders:
+                    writer.transport.abort()
+        asyncio.run(again())
+    asyncio.run(wait_jobs(limited, 0))
+    r = client(limited).audio.transcriptions.create(model="whisper-1", file=("jfk.wav", jfk_bytes()))
+    assert wer(TRANSCRIPTS[JFK.name], r.text) <= 0.1

@@ -363,3 +363,43 @@ def test_wav_errors(tmp_path):
     (tmp_path / "nodata.wav").write_bytes(b"RIFF\x04\x00\x00\x00WAVE")
     with pytest.raises(AudioFormatError, match="fmt"):
         read_wav(tmp_path / "nodata.wav")
+
+
+# ---------------------------------------------------------------------------- files (PyAV)
+# server/audio/media.py decodes every file clients send (API, `chorus transcribe`, FunASR
+# offline files); what a file may cost is checked from its header before the first frame.
+
+def _noise_wav(tmp_path: Path, rate: int, samples: int) -> Path:
+    path = tmp_path / f"r{rate}.wav"
+    _write_pcm_wav(path, np.random.default_rng(rate).integers(-3000, 3000, samples), 2, rate)
+    return path
+
+
+@pytest.mark.parametrize("rate", [1, 999, 800_000])
+def test_a_file_claiming_an_absurd_rate_is_refused_before_decoding(tmp_path, rate):
+    """A 1 Hz header would turn each sample into 16000: refused with the rate named, before
+    anything is decoded (no chunk comes out, however small the chunks asked for)."""
+    from server.audio.media import iter_file
+
+    chunks = iter_file(_noise_wav(tmp_path, rate, 7500), max_seconds=14400, chunk_samples=160)
+    with pytest.raises(AudioFormatError, match=f"unsupported sample rate {rate} Hz"):
+        next(chunks)
+
+
+@pytest.mark.parametrize("rate", [1000, 8000, 768_000])
+def test_rates_in_range_decode_to_their_length_at_16k(tmp_path, rate):
+    from server.audio.media import iter_file
+
+    out = np.concatenate(list(iter_file(_noise_wav(tmp_path, rate, rate // 2))))
+    assert out.dtype == np.float32 and abs(len(out) - 8000) <= 16  # half a second at 16 kHz
+
+
+def test_a_file_declaring_more_than_max_seconds_is_refused_before_decoding(tmp_path):
+    """20 s declared (a WAV's header, from the data present), 10 s allowed: AudioTooLong at
+    once, before the first chunk, which comes after 10 ms here."""
+    from server.audio.media import AudioTooLong, iter_file
+
+    _write_pcm_wav(tmp_path / "long.wav", np.zeros(20 * 16000), 2, 16000)
+    with pytest.raises(AudioTooLong, match="20 s long"):
+        next(iter_file(tmp_path / "long.wav", max_seconds=10, chunk_samples=160))
+    assert sum(len(c) for c in iter_file(tmp_path / "long.wav", max_seconds=30)) == 20 * 16000

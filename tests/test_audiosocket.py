@@ -213,3 +213,63 @@ def test_cli_flags_and_a_port_in_use(whisper_runner):
                 await app.start()
 
         asyncio.run(main())
+
+
+def test_a_second_connection_for_a_live_uuid_is_refused(whisper_runner):
+    """A peer that learned a live call's UUID connects with it, speaks and sends DTMF: it gets the
+    hangup frame, and the call (which keeps streaming) has none of its events; the listener binds
+    `audiosocket.host`, its own address, not `server.host`."""
+    with server(whisper_runner, **{"audiosocket.host": "127.0.0.2"}) as s:
+        recorder = s.app.calls.sink = CallRecorder()
+        port = s.app.audiosocket_port
+        assert s.app._audiosocket_server.sockets[0].getsockname()[0] == "127.0.0.2"
+        with pytest.raises(OSError):  # nothing listens on server.host's address for AudioSocket
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        u = uuid.uuid4()
+
+        async def main():
+            first = asyncio.create_task(audiosocket_call(port, u, clips_8k([SHORT]), host="127.0.0.2"))
+            await asyncio.sleep(1.5)
+            intruder = await audiosocket_call(port, u, clips_8k([JFK])[:16000], speed=4.0, dtmf_at_ms={200: "9"},
+                                              host="127.0.0.2", read_timeout=10)
+            return await first, intruder
+
+        first, intruder = asyncio.run(main())
+        events = recorder.wait_for(str(u), "call_ended")
+        refused = s.app.metrics.registry.get_sample_value("chorus_sessions_rejected_total", {"reason": "duplicate_call"})
+        # The UUID is free again once its call has ended: Asterisk may reuse a channel's UUID.
+        again = uuid.UUID(str(u))
+        asyncio.run(audiosocket_call(port, again, np.zeros(1600, np.float32), speed=4.0, host="127.0.0.2"))
+        later = recorder.wait_for(str(u), "call_ended")
+    assert intruder.closed_by_server and intruder.received == frame(0x00)
+    assert refused == 1
+    assert first.closed_by_server and first.received == b""
+    check_events(events, str(u), "hangup")
+    assert [e["type"] for e in events].count("call_started") == 1
+    assert not [e for e in events if e["type"] in ("dtmf", "stream_ended", "error")], events
+    assert wer(SHORT, final_text(events)) < 0.3, final_text(events)
+    assert [e["type"] for e in later].count("call_started") == 2
+
+
+def test_allowed_peers_config():
+    from server.config import ConfigError
+
+    cfg = make_config()
+    assert cfg.audiosocket.host == "127.0.0.1"
+    assert cfg.audiosocket.allowed_peers == ("127.0.0.0/8", "::1/128")
+    assert make_config(**{"audiosocket.allowed_peers": "[10.0.0.5, 10.1.0.0/16]"}).audiosocket.allowed_peers == (
+        "10.0.0.5", "10.1.0.0/16")
+    for bad in ("[asterisk.example]", "[10.0.0.0/33]"):
+        with pytest.raises(ConfigError, match=r"audiosocket.allowed_peers\[0\]"):
+            make_config(**{"audiosocket.allowed_peers": bad})
+
+
+def test_peer_allowed():
+    from server.transport.audiosocket import allowed_networks, peer_allowed
+
+    nets = allowed_networks(("10.0.0.5", "192.168.1.0/24", "::1/128"))
+    for ok in ("10.0.0.5", "192.168.1.77", "::1", "::ffff:10.0.0.5"):
+        assert peer_allowed(ok, nets), ok
+    for no in ("10.0.0.6", "192.168.2.1", "127.0.0.1", "::2", "?", ""):
+        assert not peer_allowed(no, nets), no
+    assert peer_allowed("127.0.0.9", allowed_networks(make_config().audiosocket.allowed_peers))

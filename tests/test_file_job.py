@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,27 @@ def test_not_audio_and_too_long_are_file_errors(tmp_path):
     with pytest.raises(FileError) as e:
         asyncio.run(transcribe(LengthRunner(), _file(tmp_path, audio), FilesConfig(max_audio_s=10)))
     assert e.value.code == "too_long"
+
+
+def test_what_a_header_says_is_checked_before_any_work(tmp_path):
+    """The API and `chorus transcribe` share this path. 15 KB claiming 1 Hz (7500 s of audio
+    once resampled) is refused from its header, and so is a file declaring more than
+    `files.max_audio_s`: no segment reaches the model, and the answer is immediate."""
+    import wave
+
+    onehz = tmp_path / "onehz.wav"
+    with wave.open(str(onehz), "wb") as w:
+        w.setnchannels(1); w.setsampwidth(2); w.setframerate(1)
+        w.writeframes(np.random.default_rng(1).integers(-3000, 3000, 7500).astype("<i2").tobytes())
+    audio, _ = speech_with_pauses()
+    for path, files, code, says in ((onehz, FilesConfig(), "bad_file", "sample rate 1 Hz"),
+                                    (_file(tmp_path, audio), FilesConfig(max_audio_s=10), "too_long", "s long")):
+        runner = LengthRunner()
+        t0 = time.monotonic()
+        with pytest.raises(FileError) as e:
+            asyncio.run(transcribe(runner, path, files))
+        assert e.value.code == code and says in str(e.value), e.value
+        assert runner.calls == [] and time.monotonic() - t0 < 2
 
 
 def test_decoding_waits_while_max_pending_audio_s_of_the_file_is_queued(tmp_path):

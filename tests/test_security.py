@@ -142,9 +142,10 @@ def test_refused_with_401(headers, query, error):
 
 def test_paths_that_need_a_token():
     p = policy([ENV_TOKEN])
-    for path in ("/healthz", "/livez", "/metrics"):
+    # The page and its files hold no secret (the page asks for the token itself).
+    for path in ("/healthz", "/livez", "/metrics", "/", "/index.html", "/static/app.js"):
         assert p.check(req(path), path, False) is None, path
-    for path in ("/v1/stream", "/", "/nope", "/healthz/", "/v1/stream/"):
+    for path in ("/v1/stream", "/nope", "/healthz/", "/v1/stream/", "/index.html/", "/static"):
         assert p.check(req(path), path, False).status_code == 401, path
     strict = policy([ENV_TOKEN], metrics_require_token=True)
     assert strict.check(req("/metrics"), "/metrics", False).status_code == 401
@@ -183,7 +184,8 @@ def origin_check(p: AccessPolicy, origin: str | None, host: str = "127.0.0.1:876
 
 
 def test_origins():
-    p = policy(allowed_origins=[LISTED, "http://LocalHost:3000", "https://x.example:443"])
+    # Any Host: this test is about Origins (test_hosts below is about Hosts).
+    p = policy(allowed_origins=[LISTED, "http://LocalHost:3000", "https://x.example:443"], allowed_hosts=["*"])
     allowed = [
         (None, "127.0.0.1:8765", False),  # not a browser
         ("http://127.0.0.1:8765", "127.0.0.1:8765", False),  # the server's own page
@@ -217,10 +219,51 @@ def test_origins():
         assert body(resp)["error"] == "forbidden_origin"
 
 
+def host_check(p: AccessPolicy, *hosts: str, path: str = "/v1/stream"):
+    resp = p.check(req(path, *(("Host", h) for h in hosts)), path, False)
+    return None if resp is None else (resp.status_code, body(resp)["error"])
+
+
+def test_hosts_bound_to_loopback():
+    """Bound to loopback (the default), only the loopback names, with any port or none."""
+    p = policy()
+    for host in ("127.0.0.1:8765", "localhost:8765", "LOCALHOST", "[::1]:8765", "127.0.0.1", "localhost."):
+        assert host_check(p, host) is None, host
+    for host in ("evil.example", "evil.example:8765", "10.1.2.3:8765", "[2001:db8::1]:8765", "localhost.evil.example",
+                 "127.0.0.1.evil.example", "127.0.0.1:99999", "user@127.0.0.1", "127.0.0.1/x", "", " "):
+        for path in ("/v1/stream", "/healthz", "/metrics", "/", "/v1/calls"):
+            assert host_check(p, host, path=path) == (421, "unknown_host"), (host, path)
+    assert host_check(p, "127.0.0.1:1", "127.0.0.1:1") == (421, "unknown_host")  # two Host headers
+    assert host_check(p) is None  # no Host: not a browser (HTTP/1.0)
+
+
+def test_hosts_bound_elsewhere_and_listed():
+    """Bound to another address, IP addresses (probes) too; names must be listed; * is any."""
+    p = policy(bind_host="0.0.0.0", allowed_hosts=["ASR.example.com", "[2001:db8::2]"])
+    for host in ("10.1.2.3:8765", "[2001:db8::1]:8765", "localhost:1", "asr.example.com", "asr.example.com:443",
+                 "Asr.Example.Com."):
+        assert host_check(p, host, path="/healthz") is None, host
+        assert host_check(p, host) is None, host
+    for host in ("evil.example", "sub.asr.example.com", "asr.example.com.evil.example", "10.1.2.3.nip.io"):
+        assert host_check(p, host, path="/healthz") == (421, "unknown_host"), host
+    for bind in ("127.0.0.1", "::1", "localhost"):
+        assert host_check(policy(bind_host=bind), "10.1.2.3:8765") == (421, "unknown_host"), bind
+    assert host_check(policy(allowed_hosts=["*"]), "evil.example") is None
+    # A rebinding page's request: its Origin matches its Host, and still it is refused.
+    r = req("/v1/calls", ("Host", "evil.example:8765"), ("Origin", "http://evil.example:8765"))
+    assert policy().check(r, "/v1/calls", False).status_code == 421
+
+
+@pytest.mark.parametrize("entry", ["https://asr.example.com", "asr.example.com:443", "asr.example.com/x", "a b", ""])
+def test_bad_allowed_host_is_a_config_error(entry):
+    with pytest.raises(ConfigError, match=r"allowed_hosts\[1\]"):
+        AccessPolicy.from_config(ServerConfig(allowed_hosts=("ok.example", entry)), {})
+
+
 def test_origin_without_host_or_twice():
     p = policy()
     assert p.check(req("/v1/stream", ("Origin", "http://a:1")), "/v1/stream", False).status_code == 403
-    two = req("/v1/stream", ("Host", "a:1"), ("Origin", "http://a:1"), ("Origin", "http://a:1"))
+    two = req("/v1/stream", ("Host", "localhost:1"), ("Origin", "http://localhost:1"), ("Origin", "http://localhost:1"))
     assert p.check(two, "/v1/stream", False).status_code == 403
 
 
@@ -239,7 +282,7 @@ def test_origin_not_checked_on_http_endpoints():
 def test_token_is_checked_before_origin():
     p = policy([ENV_TOKEN])
     assert origin_check(p, "https://evil.example").status_code == 401
-    r = req("/v1/stream", ("Host", "h:1"), ("Origin", "https://evil.example"), ("Authorization", f"Bearer {ENV_TOKEN}"))
+    r = req("/v1/stream", ("Host", "localhost:1"), ("Origin", "https://evil.example"), ("Authorization", f"Bearer {ENV_TOKEN}"))
     assert p.check(r, "/v1/stream", False).status_code == 403
 
 

@@ -257,3 +257,59 @@ def test_outbox_is_bounded_in_bytes_too(whisper_runner):
         kicked, sent, code = asyncio.run(main())
     assert kicked, f"{sent} unread replies and no kick"
     assert code == 1008
+
+
+def test_a_kicked_call_stream_still_delivers_its_finals_to_the_call(srv):
+    """A stream that names a call has two readers: its socket and the call's application. When
+    the socket's client stops reading and is kicked, the finals its session owes (the open
+    segment and those queued for the model) still reach the call, which then ends
+    `slow_consumer`; they were once cancelled at the kick and the call ended `disconnected`
+    without them."""
+    clip = next(c for c in CLIPS if c.name == "jfk.wav")
+    call_id = f"kicked-{time.monotonic_ns()}"
+    kicked_before = errors_sent(srv, "slow_consumer")
+    # No trailing silence: the last segment is still open when the kick comes.
+    audio = np.concatenate([np.zeros(8000, np.float32), read_clip(clip)])
+
+    async def follow(ready: asyncio.Event) -> list[dict]:
+        events: list[dict] = []
+        async with connect(f"ws://127.0.0.1:{srv.app.port}/v1/calls?call_id={call_id}") as ws:
+            await ws.recv()  # subscribed
+            ready.set()
+            async with asyncio.timeout(120):
+                async for msg in ws:
+                    events.append(json.loads(msg))
+        return events
+
+    async def slow_call_stream() -> bool:
+        sock = small_rcvbuf_socket(srv.app.port)
+        async with connect(srv.url, sock=sock, max_size=None, ping_interval=None, close_timeout=1) as ws:
+            await ws.send(json.dumps({"type": "start", "language": "en", "call_id": call_id}))
+            await send_paced(ws, audio, 16000, 100, 8.0, encode=pcm16)
+            kicked, _ = await flood_until_kicked(ws, srv, kicked_before)
+            ws.transport.abort()  # it never reads again
+            return kicked
+
+    async def main():
+        ready = asyncio.Event()
+        watcher = asyncio.create_task(follow(ready))
+        await ready.wait()
+        kicked = await slow_call_stream()
+        return kicked, await watcher
+
+    kicked, events = asyncio.run(main())
+    assert kicked
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "call_started" and kinds[-1] == "call_ended", kinds
+    end = events[-1]
+    assert end["reason"] == "slow_consumer" and "lost_segments" not in end, end
+    finals = [e for e in events if e["type"] == "final"]
+    hyp = " ".join(f["text"] for f in finals)
+    wer = word_error_rate([TRANSCRIPTS[clip.name]], [hyp])
+    log.info("kicked call stream: WER %.3f: %s", wer, hyp)
+    assert wer <= 0.1, hyp
+    for _ in range(100):
+        if srv.app.sessions == 0:
+            break
+        time.sleep(0.1)
+    assert srv.app.sessions == 0 and srv.metric("chorus_calls_active") == 0

@@ -310,3 +310,32 @@ def test_partials_only_while_someone_reads_them(whisper_runner):
         with_reader = partials()
     assert unwatched == 0
     assert with_reader > 0 and recorder.of("CA" + "2" * 32, "partial")
+
+
+def test_startup_warns_when_a_proxy_may_hide_the_signed_url(whisper_runner, monkeypatch, caplog):
+    """With signatures checked (an Auth Token set) and no `twilio.public_url`, a server that
+    Twilio can only reach through a proxy or tunnel (bound to loopback, or without TLS) warns
+    at startup that the signed URL is rebuilt from the Host header; with `public_url` set, or
+    without a token (no signature is checked), it does not."""
+    from server.config import load_config
+    from server.transport.twilio import public_url_warning
+
+    monkeypatch.setenv("CHORUS_TWILIO_AUTH_TOKEN", "tw-auth-token")
+    with caplog.at_level("WARNING", logger="server.app"):
+        with ServerThread(make_config(), whisper_runner):
+            pass
+    warned = [r.getMessage() for r in caplog.records if "twilio.public_url" in r.getMessage()]
+    assert len(warned) == 1 and "loopback" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="server.app"):
+        with ServerThread(make_config(**{"twilio.public_url": "wss://asr.example.com/v1/twilio"}), whisper_runner):
+            pass
+    assert not [r for r in caplog.records if "twilio.public_url" in r.getMessage()]
+
+    def cfg(**sets):
+        return load_config(None, {k: str(v) for k, v in sets.items()})
+
+    assert "without TLS" in public_url_warning(cfg(**{"server.host": "0.0.0.0"}), "t")
+    assert public_url_warning(cfg(**{"server.host": "0.0.0.0", "server.tls_cert": "c.pem", "server.tls_key": "k.pem"}), "t") is None
+    assert public_url_warning(cfg(), None) is None  # no token: no signature to check
+    assert public_url_warning(cfg(**{"twilio.enabled": "false"}), "t") is None

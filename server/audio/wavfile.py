@@ -21,9 +21,9 @@ from server.audio.resample import resample
 log = logging.getLogger(__name__)
 
 _PCM, _FLOAT, _ALAW, _MULAW, _EXTENSIBLE = 0x0001, 0x0003, 0x0006, 0x0007, 0xFFFE
-# Sample rates a WAV header may claim. Outside this range the header is lying or broken, and
-# believing it would be costly: load_audio_16k from a claimed 1 Hz makes 16000 samples of every
-# byte (a 1 MB file -> 64 GB of float32).
+# Sample rates a file may claim (here and in server/audio/media.py, for every container).
+# Outside this range the header is lying or broken, and believing it would be costly: resampling
+# a claimed 1 Hz to 16 kHz makes 16000 samples of every sample (a 1 MB file -> 64 GB of float32).
 MIN_RATE, MAX_RATE = 1000, 768_000
 
 

@@ -3,9 +3,12 @@
 Why it is shaped so:
 
 - **Never blocks recognition.** ``deliver`` only appends to the call's queue and returns; the
-  POSTs run in tasks. A call's queue is bounded (`webhook.max_pending_events`): past it the
-  oldest partial goes first (it is superseded by its final anyway), else the oldest event, and
-  each drop is counted. A slow or dead webhook costs memory up to that bound, never latency.
+  POSTs run in tasks. A call's queue is bounded in events and encoded bytes
+  (`webhook.max_pending_events`, `webhook.max_pending_bytes`), and all queues together in bytes
+  (`webhook.max_total_pending_bytes`, taken from the call with the most bytes waiting): past a
+  bound the oldest partial goes first (it is superseded by its final anyway), else the oldest
+  event, and each drop is counted. A slow or dead webhook costs memory up to those bounds,
+  never latency.
 - **In order per call.** One worker task per call that has events waiting sends them one at a
   time, so the application sees a call's events in `seq` order; calls proceed concurrently
   (at most `webhook.max_concurrency` requests in flight), so one call's slow responses do not
@@ -77,6 +80,8 @@ class WebhookSender:
         self.metrics = metrics
         self.wants_partials = cfg.partials
         self._queues: dict[str, collections.deque[_Event]] = {}
+        self._queue_bytes: dict[str, int] = {}  # encoded bytes per call's queue (in flight included)
+        self._bytes = 0  # over every queue
         self._workers: dict[str, asyncio.Task] = {}
         self._pending = 0  # queued or in flight
         self._limit = asyncio.Semaphore(cfg.max_concurrency)
@@ -100,23 +105,49 @@ class WebhookSender:
     def deliver(self, call_id: str, event_type: str, event_id: str, body: bytes) -> None:
         if self._closing or (event_type == "partial" and not self.cfg.partials):
             return
-        queue = self._queues.get(call_id)
-        if queue is None:
-            queue = self._queues[call_id] = collections.deque()
         event = _Event(call_id, event_type, event_id, body)
-        if len(queue) >= self.cfg.max_pending_events:
-            victim = self._victim(queue)
-            if victim is None:
+        size = len(body)
+        if size > self.cfg.max_pending_bytes:
+            self._dropped(event)  # larger than a call's whole queue may be
+            return
+        queue = self._queues.get(call_id)
+        while queue and (len(queue) >= self.cfg.max_pending_events
+                         or self._queue_bytes[call_id] + size > self.cfg.max_pending_bytes):
+            if not self._drop_one(call_id):
                 self._dropped(event)  # only the event in flight waits: the newcomer goes
                 return
-            queue.remove(victim)
-            self._pending -= 1
-            self._dropped(victim)
+        while self._bytes + size > self.cfg.max_total_pending_bytes:
+            # Fair to every call: the one with the most bytes waiting gives way first.
+            if not any(self._drop_one(c) for c in sorted(self._queue_bytes, key=self._queue_bytes.__getitem__,
+                                                             reverse=True)):
+                self._dropped(event)
+                return
+        if queue is None:
+            queue = self._queues[call_id] = collections.deque()
+            self._queue_bytes[call_id] = 0
         queue.append(event)
         self._pending += 1
-        self.metrics.webhook_pending.set(self._pending)
+        self._account(call_id, size)
         if call_id not in self._workers:
             self._workers[call_id] = asyncio.get_running_loop().create_task(self._work(call_id))
+
+    def _drop_one(self, call_id: str) -> bool:
+        """Drop one waiting event of ``call_id`` (see _victim); False if none may go."""
+        queue = self._queues[call_id]
+        victim = self._victim(queue)
+        if victim is None:
+            return False
+        queue.remove(victim)
+        self._pending -= 1
+        self._account(call_id, -len(victim.body))
+        self._dropped(victim)
+        return True
+
+    def _account(self, call_id: str, delta: int) -> None:
+        self._queue_bytes[call_id] += delta
+        self._bytes += delta
+        self.metrics.webhook_pending.set(self._pending)
+        self.metrics.webhook_pending_bytes.set(self._bytes)
 
     @staticmethod
     def _victim(queue: collections.deque[_Event]) -> _Event | None:
@@ -135,8 +166,10 @@ class WebhookSender:
         now = time.monotonic()
         if now - self._last_drop_log >= _DROP_LOG_INTERVAL_S:
             log.warning("webhook is behind: dropped %d event(s) (latest: %s %s of call %s); at most "
-                        "webhook.max_pending_events=%d wait per call", self._dropped_since_log, event.kind,
-                        event.event_id, event.call_id[:64], self.cfg.max_pending_events)
+                        "webhook.max_pending_events=%d and max_pending_bytes=%d wait per call, "
+                        "max_total_pending_bytes=%d in all", self._dropped_since_log, event.kind, event.event_id,
+                        event.call_id[:64], self.cfg.max_pending_events, self.cfg.max_pending_bytes,
+                        self.cfg.max_total_pending_bytes)
             self._dropped_since_log = 0
             self._last_drop_log = now
 
@@ -149,7 +182,7 @@ class WebhookSender:
                 delivered = await self._send(event)
                 queue.popleft()
                 self._pending -= 1
-                self.metrics.webhook_pending.set(self._pending)
+                self._account(call_id, -len(event.body))
                 if delivered:
                     self.metrics.webhook_events.labels("delivered").inc()
                     self.metrics.webhook_delay.observe(time.monotonic() - event.queued_at)
@@ -157,8 +190,9 @@ class WebhookSender:
                     self.metrics.webhook_events.labels("failed").inc()
         finally:
             self._workers.pop(call_id, None)
-            if not queue:
-                self._queues.pop(call_id, None)
+            if not queue and self._queues.get(call_id) is queue:
+                del self._queues[call_id]
+                self._bytes -= self._queue_bytes.pop(call_id)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -231,8 +265,11 @@ class WebhookSender:
             self.metrics.webhook_events.labels("dropped").inc(lost)
             log.warning("webhook: %d event(s) not delivered before the shutdown deadline", lost)
         self._queues.clear()
+        self._queue_bytes.clear()
         self._pending = 0
+        self._bytes = 0
         self.metrics.webhook_pending.set(0)
+        self.metrics.webhook_pending_bytes.set(0)
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -8,25 +8,38 @@ closes at once.
 
 - Token auth (off unless a token is configured): ``Authorization: Bearer <token>`` or
   ``?token=<token>`` (browsers cannot set headers on a WebSocket). Compared in constant
-  time against every configured token. /healthz and /livez are always open; /metrics
-  needs a token only with ``server.metrics_require_token``. Tokens are never logged, and
+  time against every configured token. /healthz and /livez are always open (orchestrator
+  probes must not need a secret); /metrics needs a token only with
+  ``server.metrics_require_token``. Tokens are never logged, and
   websockets' own debug log of the request line and headers is redacted.
 - Origins: a browser page on another site must not be able to open streams (and spend
   this server's capacity) just because a user visits it. No ``Origin`` header (a
   non-browser client), the server's own origin, or one listed in
   ``server.allowed_origins`` (``*`` = any) may open streams; other Origins get 403.
+- Hosts: a page on another site can make the browser's name for this server point at it
+  (DNS rebinding) and so talk to it as "its own origin". Only known ``Host`` names are
+  answered, on every port: the loopback names, IP addresses when the server is bound to a
+  non-loopback address (an address cannot be rebound, and orchestrator probes send one), and
+  ``server.allowed_hosts`` (``*`` = any). Others get 421.
 - TLS: ``ssl_context`` builds the server context for wss:// and https:// on one port.
+
+``DOORS`` is the one table of every way in (listener, path) and the guards each one has;
+``AccessPolicy.guard`` applies a door's guards, so the table is what the listeners enforce
+(tests/test_doors.py tries every door with and without each credential).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.http11 import Request, Response
@@ -36,10 +49,88 @@ from server.config import ConfigError, ServerConfig
 log = logging.getLogger(__name__)
 
 TOKENS_ENV = "CHORUS_AUTH_TOKENS"
-# Always open: orchestrator probes must not need a secret.
-OPEN_PATHS = frozenset({"/healthz", "/livez"})
-METRICS_PATH = "/metrics"
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_HOST_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?")
+
+# ---------------------------------------------------------------------- doors
+# What guards a door, in the order they are checked.
+HOST = "host"  # a known Host name (421 otherwise)
+TOKEN = "token"  # a token when auth is on (401)
+METRICS_TOKEN = "token if server.metrics_require_token"  # (401)
+TWILIO = "X-Twilio-Signature, or a token without a Twilio Auth Token"  # (403 / 401)
+ORIGIN = "origin"  # no Origin, the server's own, or a listed one (403)
+PEERS = "audiosocket.allowed_peers"  # the peer's address (connection closed unread)
+
+MAIN, FUNASR, API, AUDIOSOCKET = "main", "funasr", "api", "audiosocket"
+
+
+@dataclass(frozen=True)
+class Door:
+    """One way in: a listener, a path pattern (exact; ``{name}`` is one path segment; a trailing
+    ``*`` is any rest, alone it is every path), the HTTP methods it takes (none named: any) and
+    its guards."""
+
+    name: str
+    listener: str
+    path: str
+    guards: tuple[str, ...]
+    serves: str
+    methods: tuple[str, ...] = ()
+    routed: bool = True  # False: the listener's catch-all for paths it has no route for
+
+    def matches(self, listener: str, path: str, method: str | None = None) -> bool:
+        if listener != self.listener or (self.methods and method not in self.methods):
+            return False
+        return _path_re(self.path).fullmatch(path) is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _path_re(pattern: str) -> re.Pattern[str]:
+    rest = pattern.endswith("*")
+    body = re.sub(r"\\\{[^}]*\\\}", "[^/]+", re.escape(pattern[:-1] if rest else pattern))
+    return re.compile(body + (".*" if rest else ""))
+
+
+_STREAM = (HOST, TOKEN, ORIGIN)
+_GET = ("GET", "HEAD")
+# Every door of every listener. A listener asks ``find_door`` which door a request came in by
+# and applies that door's guards; a path no door names gets the listener's catch-all (Host,
+# token and Origin, then "no such route"), so an unknown path tells an unauthenticated client
+# nothing.
+DOORS: tuple[Door, ...] = (
+    Door("stream", MAIN, "/v1/stream", _STREAM, "native streams (docs/protocol.md)"),
+    Door("realtime", MAIN, "/v1/realtime", _STREAM, "OpenAI Realtime transcription streams"),
+    Door("calls", MAIN, "/v1/calls", _STREAM, "call event subscriptions (every call's words with call_id=*)"),
+    Door("twilio", MAIN, "/v1/twilio", (HOST, TWILIO, ORIGIN), "Twilio Media Streams"),
+    Door("page", MAIN, "/", (HOST,), "the captioning page (static; it asks for the token itself)"),
+    Door("page index", MAIN, "/index.html", (HOST,), "the captioning page"),
+    Door("page files", MAIN, "/static/*", (HOST,), "the page's static files"),
+    Door("healthz", MAIN, "/healthz", (HOST,), "readiness probe"),
+    Door("livez", MAIN, "/livez", (HOST,), "liveness probe"),
+    Door("metrics", MAIN, "/metrics", (HOST, METRICS_TOKEN), "Prometheus metrics"),
+    Door("main other", MAIN, "*", _STREAM, "404", routed=False),
+    # FunASR clients connect to any path (usually `/`): every path, /healthz too, is a stream.
+    Door("funasr", FUNASR, "*", _STREAM, "FunASR-compatible streams, on every path"),
+    Door("transcriptions", API, "/v1/audio/transcriptions", _STREAM, "file transcription", methods=("POST",)),
+    Door("models", API, "/v1/models", _STREAM, "model list", methods=_GET),
+    Door("model", API, "/v1/models/{model}", _STREAM, "one model", methods=_GET),
+    Door("api healthz", API, "/healthz", (HOST,), "readiness probe for recordings", methods=_GET),
+    Door("api livez", API, "/livez", (HOST,), "liveness probe", methods=_GET),
+    # A browser's preflight cannot carry Authorization: it is answered for allowed Origins only.
+    Door("api preflight", API, "*", (HOST, ORIGIN), "CORS preflight", methods=("OPTIONS",)),
+    Door("api other", API, "*", _STREAM, "405 (every path has the preflight route), after the guards", routed=False),
+    Door("audiosocket", AUDIOSOCKET, "*", (PEERS,), "Asterisk AudioSocket calls (raw TCP)"),
+)
+
+
+def find_door(listener: str, path: str, method: str | None = None) -> Door:
+    """The door a request to ``path`` (no query) on ``listener`` comes in by."""
+    for door in DOORS:
+        if door.matches(listener, path, method):
+            return door
+    raise LookupError(f"no door for {listener} {path}")  # every listener has a catch-all door
+
 
 # (scheme, host, port) with the scheme and host lower-cased and a default port filled in.
 OriginKey = tuple[str, str, int | None]
@@ -60,6 +151,13 @@ def _origin_key(value: str) -> OriginKey | None:
     return scheme, parts.hostname.lower(), port if port is not None else _DEFAULT_PORTS.get(scheme)
 
 
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def _digest(token: str) -> bytes:
     # Compare fixed-length digests, so the comparison time says nothing about a token's length either.
     return hashlib.sha256(token.encode("utf-8", "backslashreplace")).digest()
@@ -74,6 +172,8 @@ class AccessPolicy:
         *,
         metrics_require_token: bool = False,
         allowed_origins: Iterable[str] = (),
+        allowed_hosts: Iterable[str] = (),
+        bind_host: str = "127.0.0.1",
     ) -> None:
         # Only digests are kept: the tokens themselves never sit in a repr, a traceback or a log.
         self._digests = tuple(_digest(t) for t in tokens)
@@ -92,6 +192,26 @@ class AccessPolicy:
                 )
             allowed.add(key)
         self._allowed = frozenset(allowed)
+        self._any_host = False
+        hosts: set[str] = set(LOOPBACK_NAMES)
+        for i, entry in enumerate(allowed_hosts):
+            name = entry.strip().lower()
+            if name == "*":
+                self._any_host = True
+                continue
+            if name.startswith("[") and name.endswith("]"):
+                name = name[1:-1]
+            if not (_HOST_NAME_RE.fullmatch(name) or _ip(name) is not None):
+                raise ConfigError(
+                    f"server.allowed_hosts[{i}]: {entry!r} is not a host name; write the name alone, with no "
+                    "scheme, port or path, e.g. asr.example.com (or * for any)"
+                )
+            hosts.add(name.rstrip("."))
+        self._hosts = frozenset(hosts)
+        # Bound to a non-loopback address, the server is reached by its addresses too (an
+        # orchestrator's probe sends Host: <pod IP>:<port>); an IP address cannot be rebound.
+        bind = _ip(bind_host.strip("[]"))
+        self._any_ip = bind_host.strip().lower() != "localhost" and (bind is None or not bind.is_loopback)
 
     @classmethod
     def from_config(cls, cfg: ServerConfig, environ: Mapping[str, str]) -> "AccessPolicy":
@@ -125,7 +245,8 @@ class AccessPolicy:
                 raise ConfigError(f"${TOKENS_ENV} is set but holds no token (comma-separated tokens expected)")
             tokens += found
             sources.append(f"{len(found)} from ${TOKENS_ENV}")
-        policy = cls(tokens, metrics_require_token=cfg.metrics_require_token, allowed_origins=cfg.allowed_origins)
+        policy = cls(tokens, metrics_require_token=cfg.metrics_require_token, allowed_origins=cfg.allowed_origins,
+                     allowed_hosts=cfg.allowed_hosts, bind_host=cfg.host)
         redact_tokens_in_logs()
         if policy.auth_enabled:
             log.info("token auth on: %d token(s) (%s); /metrics %s", len(set(tokens)), ", ".join(sources),
@@ -141,21 +262,63 @@ class AccessPolicy:
         return bool(self._digests)
 
     def check(self, request: Request, path: str, secure: bool) -> Response | None:
-        """None if this request may go on to its route, else the 401/403 response.
+        """None if this request to the main port may go on to its route, else the refusal.
 
         ``path`` is ``request.path`` without the query; ``secure`` says whether the listener
-        uses TLS (the server's own origin is then https://, else http://). Every path but
-        /healthz, /livez and /metrics (streams and unknown paths alike) needs the token when
-        auth is on, and an allowed Origin (or none).
+        uses TLS (the server's own origin is then https://, else http://). The guards are the
+        door's (``DOORS``); /v1/twilio is checked as the other streams are, by token.
         """
-        if path in OPEN_PATHS:
+        return self.guard(find_door(MAIN, path), request, path, secure)
+
+    def guard(self, door: Door, request: Request, path: str, secure: bool,
+              twilio_signature: Callable[[], Response | None] | None = None) -> Response | None:
+        """None if ``request`` may come in by ``door``, else the 421/401/403 response.
+        ``twilio_signature`` checks X-Twilio-Signature where a Twilio Auth Token is configured;
+        without one the Twilio door needs a token like the streams."""
+        for g in door.guards:
+            if g == HOST:
+                refusal = self.check_host(request, path)
+            elif g == TOKEN:
+                refusal = self._check_token(request, path)
+            elif g == METRICS_TOKEN:
+                refusal = self._check_token(request, path) if self.metrics_require_token else None
+            elif g == TWILIO:
+                refusal = twilio_signature() if twilio_signature is not None else self._check_token(request, path)
+            elif g == ORIGIN:
+                refusal = self.check_origin(request, path, secure)
+            else:  # PEERS belongs to a TCP listener, not to an HTTP request
+                raise ValueError(f"door {door.name!r}: guard {g!r} cannot be checked on an HTTP request")
+            if refusal is not None:
+                return refusal
+        return None
+
+    # ------------------------------------------------------------------ hosts
+    def host_allowed(self, request: Request) -> bool:
+        """Whether the request's Host names this server (see the module docstring)."""
+        hosts = request.headers.get_all("Host")
+        if not hosts:
+            return True  # HTTP/1.0 without Host: not a browser, so no rebinding page behind it
+        if len(hosts) > 1 or self._any_host:
+            return len(hosts) == 1
+        try:
+            parts = urlsplit("//" + hosts[0].strip())
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            return False
+        name = (parts.hostname or "").rstrip(".")
+        if not name or parts.username is not None or parts.path or parts.query:
+            return False
+        if name in self._hosts:
+            return True
+        return self._any_ip and _ip(name) is not None
+
+    def check_host(self, request: Request, path: str) -> Response | None:
+        if self.host_allowed(request):
             return None
-        if path == METRICS_PATH:
-            return self._check_token(request, path) if self.metrics_require_token else None
-        refusal = self._check_token(request, path)
-        if refusal is not None:
-            return refusal
-        return self.check_origin(request, path, secure)
+        host = ", ".join(request.headers.get_all("Host"))
+        log.info("refused %s: Host %r is not one of this server's names", path, host[:200])
+        return _refuse(421, "Misdirected Request", "unknown_host",
+                       f"Host {host[:200]!r} is not a name of this server; list it in server.allowed_hosts")
 
     # ------------------------------------------------------------------ tokens
     def _check_token(self, request: Request, path: str) -> Response | None:
@@ -245,11 +408,14 @@ def _refuse(status: int, reason: str, error: str, message: str, www_authenticate
 _SECRET_PATTERNS = (
     (re.compile(r"([?&]token=)[^&#\s]*", re.IGNORECASE), r"\1<redacted>"),
     (re.compile(r"(\bauthorization:\s*).*", re.IGNORECASE), r"\1<redacted>"),
+    # Not a secret itself, but a credential for its URL: whoever reads it could replay it.
+    (re.compile(r"(\bx-twilio-signature:\s*).*", re.IGNORECASE), r"\1<redacted>"),
 )
 
 
 class _RedactTokens(logging.Filter):
-    """Rewrites a record whose text holds a ``token=`` query value or an Authorization value."""
+    """Rewrites a record whose text holds a ``token=`` query value, an Authorization value or an
+    X-Twilio-Signature."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -269,7 +435,8 @@ _REDACTOR = _RedactTokens()
 
 def redact_tokens_in_logs(logger_name: str = "websockets.server") -> None:
     """Install (once) the redacting filter on a logger. With DEBUG logging, websockets logs
-    each request line (``GET /v1/stream?token=...``) and every header (Authorization) on
+    each request line (``GET /v1/stream?token=...``) and every header (Authorization,
+    X-Twilio-Signature) on
     ``websockets.server``, the logger ``serve`` uses unless given another."""
     logger = logging.getLogger(logger_name)
     if _REDACTOR not in logger.filters:

@@ -35,6 +35,7 @@ from server.files.job import FileError, FileJob, FileTranscript, Segment, segmen
 from server.runners.base import ItemOptions
 from server.spacing import joiner
 from server.stream_config import language_list
+from server.transport.access import API, find_door
 from server.vad.endpointer import EndpointerSettings
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ MODELS_PATH = "/v1/models"
 _CHUNK = 1 << 16
 _SPOOL_IN_MEMORY = 1 << 20  # uploads up to this stay in memory; larger ones go to disk
 _FIELD_LIMIT = 64 << 10  # bytes of one non-file form field (a prompt is the longest)
+_RETRY_SPOOL_S = 5  # Retry-After when the spool is full: uploads in progress take seconds to finish
 # Model names a request may always give, besides `api.model_names` and the runner's own name.
 _OWN_MODEL = "chorus"
 _ROUTES = frozenset({TRANSCRIPTIONS_PATH, MODELS_PATH, "/healthz", "/livez"})
@@ -96,6 +98,8 @@ class ApiServer:
         self._port: int | None = None
         self._requests = app.metrics.api_requests
         self._secure = bool(self.config.server.tls_cert)
+        self._per_address: dict[str, int] = {}  # transcription requests in progress per client address
+        self._spooled = 0  # bytes of the uploads in progress together (api.max_spool_bytes)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, port: int, ssl: Any) -> None:
@@ -135,17 +139,19 @@ class ApiServer:
     # ------------------------------------------------------------------ middleware
     @web.middleware
     async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """Access (token, Origin) as on the main port, CORS for allowed browser Origins,
-        OpenAI-shaped errors, and nothing a request does escapes as a traceback."""
+        """Access (each door's guards: Host, token, Origin; server/transport/access.py DOORS),
+        CORS for allowed browser Origins, OpenAI-shaped errors, and nothing a request does
+        escapes as a traceback."""
         route = MODELS_PATH if request.path.startswith(MODELS_PATH) else request.path if request.path in _ROUTES else "other"
         status = 500
         try:
-            if request.method != "OPTIONS":
-                denied = self.app.access.check(_as_ws_request(request), request.path, self._secure)
-                if denied is not None:
-                    body = json.loads(denied.body or b"{}")
-                    kind = "authentication_error" if denied.status_code == 401 else "permission_error"
-                    raise ApiError(denied.status_code, body.get("message", "refused"), body.get("error", "refused"), kind=kind)
+            # A preflight's door needs no token (a browser cannot send one with it).
+            door = find_door(API, request.path, request.method)
+            denied = self.app.access.guard(door, _as_ws_request(request), request.path, self._secure)
+            if denied is not None:
+                body = json.loads(denied.body or b"{}")
+                kind = {401: "authentication_error", 421: "invalid_request_error"}.get(denied.status_code, "permission_error")
+                raise ApiError(denied.status_code, body.get("message", "refused"), body.get("error", "refused"), kind=kind)
             response = await handler(request)
             status = response.status
         except ApiError as e:
@@ -222,49 +228,91 @@ class ApiServer:
         if len(self._jobs) >= self.config.api.max_concurrent_requests:
             raise ApiError(503, "too many transcriptions in progress; try again shortly", "overloaded",
                            kind="server_error", retry_after=1)
+        # Behind a proxy every client has the proxy's address (the knob's doc says so).
+        address = request.remote or ""
+        per_address = self.config.api.max_requests_per_address
+        if per_address and self._per_address.get(address, 0) >= per_address:
+            raise ApiError(429, f"too many transcriptions in progress from this address (at most {per_address}, "
+                           "api.max_requests_per_address); try again when one has finished", "rate_limit_exceeded",
+                           kind="requests", retry_after=1)
         task = asyncio.current_task()
         assert task is not None
         self._jobs.add(task)
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        spool = _Spool(self)
         try:
             with tempfile.SpooledTemporaryFile(_SPOOL_IN_MEMORY) as upload:
-                fields = await self._read_form(request, upload)
+                try:
+                    fields = await self._read_form(request, upload, spool)
+                except _BodyTimeout as e:
+                    return await self._cut(request, e)
                 req = self._check(fields, uploaded="file" in fields)
                 upload.seek(0)
                 return await self._run(request, req, upload)
         finally:
+            spool.release()
             self._jobs.discard(task)
+            left = self._per_address.pop(address) - 1
+            if left:
+                self._per_address[address] = left
 
-    async def _read_form(self, request: web.Request, upload: IO[bytes]) -> dict[str, list[str]]:
-        """The multipart form's fields; the `file` part's bytes go to ``upload``, streamed."""
+    async def _cut(self, request: web.Request, e: "_BodyTimeout") -> web.StreamResponse:
+        """A body that arrives too slowly: 408, then the connection is closed at once (aiohttp
+        would otherwise go on reading the rest of the body for a while, to be polite)."""
+        response = e.response()
+        response.force_close()
+        response.headers.update(self._cors(request))
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
+        return response
+
+    async def _read_form(self, request: web.Request, upload: IO[bytes], spool: "_Spool") -> dict[str, list[str]]:
+        """The multipart form's fields; the `file` part's bytes go to ``upload``, streamed. Every
+        read is timed (`_BodyClock`); the fields are bounded in number and in bytes together."""
         if not request.content_type.startswith("multipart/"):
             raise ApiError(400, "send the request as multipart/form-data with a `file` field", "invalid_request")
-        limit = self.config.api.max_upload_bytes
+        cfg = self.config.api
+        limit = cfg.max_upload_bytes
+        clock = _BodyClock(cfg)
         fields: dict[str, list[str]] = {}
+        count = field_bytes = 0
         try:
             reader = await request.multipart()
-            while (part := await reader.next()) is not None:
+            # reader.next() reads the next part's headers (and skips what is left of the last part).
+            while (part := await clock.read(reader.next())) is not None:
+                if not (isinstance(part, BodyPartReader) and part.name == "file"):
+                    count += 1  # every part but the file counts, nameless or nested ones too
+                    if count > cfg.max_form_fields:
+                        raise ApiError(400, f"more than {cfg.max_form_fields} form fields besides `file` "
+                                       "(api.max_form_fields)", "too_many_fields")
                 if not isinstance(part, BodyPartReader) or part.name is None:
                     continue
                 if part.name == "file":
                     if "file" in fields:
                         raise ApiError(400, "send one `file`", "invalid_request", "file")
                     size = 0
-                    while chunk := await part.read_chunk(_CHUNK):
+                    while chunk := await clock.read(part.read_chunk(_CHUNK)):
                         size += len(chunk)
                         if size > limit:
                             raise ApiError(413, f"the file is larger than this server's limit of {limit} bytes "
                                            "(api.max_upload_bytes)", "file_too_large", "file")
+                        spool.take(len(chunk))
                         upload.write(chunk)
                     if size == 0:
                         raise ApiError(400, "the file is empty", "invalid_file", "file")
                     fields["file"] = [part.filename or ""]
                     continue
                 value = bytearray()
-                while chunk := await part.read_chunk(_CHUNK):
+                while chunk := await clock.read(part.read_chunk(_CHUNK)):
                     value += chunk
+                    field_bytes += len(chunk)
                     if len(value) > _FIELD_LIMIT:
                         raise ApiError(400, f"the field {part.name[:40]!r} is longer than {_FIELD_LIMIT} bytes",
                                        "invalid_request", part.name[:40])
+                    if field_bytes > cfg.max_form_bytes:
+                        raise ApiError(413, f"the form fields besides `file` are larger than {cfg.max_form_bytes} "
+                                       "bytes together (api.max_form_bytes)", "fields_too_large", part.name[:40])
                 fields.setdefault(part.name, []).append(value.decode("utf-8", "replace"))
         except (ValueError, AssertionError, UnicodeDecodeError) as e:  # aiohttp's malformed multipart
             raise ApiError(400, f"malformed multipart body ({type(e).__name__})", "invalid_request") from None
@@ -387,6 +435,63 @@ class ApiServer:
         finally:
             running.cancel()
         return response
+
+
+class _BodyTimeout(ApiError):
+    def __init__(self, message: str) -> None:
+        super().__init__(408, message, "request_timeout")
+
+
+class _BodyClock:
+    """How long a request body may take (Apache's mod_reqtimeout model): `body_timeout_s`, plus
+    1 s for every `min_body_rate` bytes that arrived, at most `max_body_s` in all. An upload
+    that trickles cannot hold a request slot (and its spool) for long."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.start = time.monotonic()
+        self.received = 0
+
+    def deadline(self) -> float:
+        cfg = self.cfg
+        return self.start + min(cfg.max_body_s, cfg.body_timeout_s + self.received / cfg.min_body_rate)
+
+    async def read(self, reading: Awaitable[Any]) -> Any:
+        """``reading`` (a read of the body), cut at the deadline."""
+        try:
+            async with asyncio.timeout(max(0.0, self.deadline() - time.monotonic())):
+                got = await reading
+        except TimeoutError:
+            took = time.monotonic() - self.start
+            cfg = self.cfg
+            raise _BodyTimeout(f"the request body arrived too slowly ({self.received} bytes in {took:.1f} s; this "
+                               f"server needs {cfg.min_body_rate} bytes/s after the first {cfg.body_timeout_s:g} s "
+                               f"and the whole body within {cfg.max_body_s:g} s: api.min_body_rate, "
+                               "api.body_timeout_s, api.max_body_s)") from None
+        if isinstance(got, (bytes, bytearray)):
+            self.received += len(got)
+        return got
+
+
+class _Spool:
+    """One request's share of `api.max_spool_bytes`: the bytes of all uploads in progress together."""
+
+    def __init__(self, api: ApiServer) -> None:
+        self.api = api
+        self.taken = 0
+
+    def take(self, n: int) -> None:
+        limit = self.api.config.api.max_spool_bytes
+        if self.api._spooled + n > limit:
+            raise ApiError(507, f"the uploads in progress fill this server's spool ({limit} bytes, "
+                           "api.max_spool_bytes); try again shortly", "insufficient_storage",
+                           kind="server_error", retry_after=_RETRY_SPOOL_S)
+        self.api._spooled += n
+        self.taken += n
+
+    def release(self) -> None:
+        self.api._spooled -= self.taken
+        self.taken = 0
 
 
 def _as_ws_request(request: web.Request) -> WsRequest:

@@ -4,7 +4,11 @@ Asterisk's ``AudioSocket()`` dialplan application connects, sends the call's UUI
 20 ms frames of signed linear audio, DTMF and finally a hangup (or just closes). The call is
 one speaker (track ``inbound``): one Session, whose results a ``TrackOutput`` publishes on
 the call hub (webhook, /v1/calls). AudioSocket carries no options, so every call uses
-`audiosocket.language`; it has no authentication either (bind it where only Asterisk reaches).
+`audiosocket.language`. It has no authentication either: the listener binds its own address
+(`audiosocket.host`, loopback by default) and closes a connection from any peer outside
+`audiosocket.allowed_peers` before reading a byte of it. A UUID names one live call: a second
+connection sending the UUID of a call that is still connected is hung up, and the first keeps
+its call (else a peer that learned the UUID could inject words and DTMF, or hold the call open).
 
 Admission is the same as for WebSocket streams (a refused call gets the hangup frame). A
 malformed frame ends that call only: an ``error`` event, the finals of what was heard,
@@ -16,6 +20,7 @@ finals published: the application is the reader, not this socket.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -50,8 +55,11 @@ class _Ended(Exception):
 class AudioSocketCall:
     """One AudioSocket connection; drained like a WebSocket connection (see app.stop)."""
 
-    def __init__(self, app: "ChorusServer", reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, app: "ChorusServer", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 live: set[str] | None = None) -> None:
         self.app = app
+        # UUIDs of the calls this listener has connected now (shared by its connections).
+        self.live = live if live is not None else set()
         self.reader = reader
         self.writer = writer
         self.cfg = app.config.server
@@ -104,6 +112,14 @@ class AudioSocketCall:
         elif isinstance(frame, proto.Uuid):
             if self.call is not None:
                 raise self._protocol_error("a second UUID frame")
+            if frame.call_id in self.live:
+                # Not this connection's call: nothing is published on it, the live one goes on.
+                self.app.metrics.sessions_rejected.labels("duplicate_call").inc()
+                log.warning("audiosocket connection from %s refused: call %s is already connected",
+                            _peer_address(self.writer), frame.call_id)
+                self._hangup = True
+                raise _Ended("duplicate_call")
+            self.live.add(frame.call_id)
             self.call = self.app.calls.open(frame.call_id, "audiosocket", tracks=(TRACK,))
             log.info("audiosocket call %s started", frame.call_id)
         elif isinstance(frame, proto.Dtmf):
@@ -175,16 +191,19 @@ class AudioSocketCall:
 
     async def _finish(self, reason: str, fields: dict[str, Any]) -> None:
         """Recognise what is left, publish the finals and `call_ended`, close the socket."""
-        if self.session is not None:
-            try:
-                await asyncio.wait_for(self.session.stop(), self.app.config.server.shutdown_timeout_s)
-            except asyncio.TimeoutError:
-                log.warning("audiosocket call %s: finals not done in time; the rest is lost", self.sid())
-            finally:
-                self.session.close()
-        if self.call is not None:
-            self.call.end(reason, **fields)
-            log.info("audiosocket call %s ended: %s", self.call.call_id, reason)
+        try:
+            if self.session is not None:
+                try:
+                    await asyncio.wait_for(self.session.stop(), self.app.config.server.shutdown_timeout_s)
+                except asyncio.TimeoutError:
+                    log.warning("audiosocket call %s: finals not done in time; the rest is lost", self.sid())
+                finally:
+                    self.session.close()
+        finally:  # the call ends even if finishing the session failed or was cancelled
+            if self.call is not None:
+                self.live.discard(self.call.call_id)
+                self.call.end(reason, **fields)
+                log.info("audiosocket call %s ended: %s", self.call.call_id, reason)
         await _close(self.writer, hang_up=self._hangup)
 
 
@@ -200,9 +219,35 @@ async def _close(writer: asyncio.StreamWriter, hang_up: bool) -> None:
         writer.transport.abort()
 
 
-async def _handle(app: "ChorusServer", reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def _peer_address(writer: asyncio.StreamWriter) -> str:
     peer = writer.get_extra_info("peername")
-    address = str(peer[0]) if peer else "?"
+    return str(peer[0]) if peer else "?"
+
+
+def allowed_networks(peers: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """`audiosocket.allowed_peers` as networks (config validation has checked each entry)."""
+    return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in peers)
+
+
+def peer_allowed(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone id is not part of the address
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # an IPv4 peer on a dual-stack socket
+    return any(ip in net for net in networks)
+
+
+async def _handle(app: "ChorusServer", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                  networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], live: set[str]) -> None:
+    address = _peer_address(writer)
+    if not peer_allowed(address, networks):
+        # Before reading anything: a stranger gets no call, no session and no admission slot.
+        app.metrics.sessions_rejected.labels("peer").inc()
+        log.warning("audiosocket connection from %s refused: not in audiosocket.allowed_peers", address)
+        writer.transport.abort()
+        return
     key = object()
     refusal = app.refusal() or app.admission.admit(key, address)
     if refusal is not None:
@@ -210,7 +255,7 @@ async def _handle(app: "ChorusServer", reader: asyncio.StreamReader, writer: asy
         log.info("audiosocket call from %s refused: %s", address, refusal.message)
         await _close(writer, hang_up=True)
         return
-    call = AudioSocketCall(app, reader, writer)
+    call = AudioSocketCall(app, reader, writer, live)
     app.connections.add(call)  # type: ignore[arg-type]  # drained like a WebSocket connection
     try:
         await call.run()
@@ -222,9 +267,12 @@ async def _handle(app: "ChorusServer", reader: asyncio.StreamReader, writer: asy
 
 
 async def serve(app: "ChorusServer") -> asyncio.AbstractServer:
-    """Listen on `server.host`:`audiosocket.port`."""
-    return await asyncio.start_server(lambda r, w: _handle(app, r, w), app.config.server.host,
-                                      app.config.audiosocket.port, limit=_READ_BYTES)
+    """Listen on `audiosocket.host`:`audiosocket.port`."""
+    cfg = app.config.audiosocket
+    networks = allowed_networks(cfg.allowed_peers)
+    live: set[str] = set()
+    return await asyncio.start_server(lambda r, w: _handle(app, r, w, networks, live), cfg.host, cfg.port,
+                                      limit=_READ_BYTES)
 
 
 __all__ = ["AudioSocketCall", "serve"]

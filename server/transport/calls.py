@@ -4,9 +4,11 @@ A subscriber receives ``{"type": "subscribed", "call_id": ...}``, then the call'
 as JSON text, exactly as the webhook gets them: for one call, what was said so far (every
 event but partials) and then the call live, and the connection closes with 1000 after
 ``call_ended``; with ``*``, every call's events from now on, until the subscriber leaves.
-A subscriber may connect before its call starts. Subscribers use no model capacity and
-never slow a call: one that falls behind by `server.max_outgoing_messages` events (or
-`server.max_outgoing_bytes`) is disconnected with 1008 (see server/calls/hub.py).
+A subscriber may connect before its call starts. If the call's history (bounded, see
+server/calls/hub.py) has dropped events, ``subscribed`` carries ``history_dropped``: how
+many. Subscribers use no model capacity and never slow a call: one that falls behind by
+`server.max_outgoing_messages` live events (or `server.max_outgoing_bytes`) is disconnected
+with 1008 (see server/calls/hub.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from server.calls.hub import Subscription
-from server.transport.connection import CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, SLOW_CONSUMER, close_or_abort
+from server.transport.connection import (
+    CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_AGAIN, SLOW_CONSUMER, close_or_abort,
+)
 
 if TYPE_CHECKING:
     from server.app import ChorusServer
@@ -29,15 +33,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PATH = "/v1/calls"
-CLOSE_TRY_AGAIN = 1013
 
 
 async def _write(ws: ServerConnection, sub: Subscription) -> None:
     while True:
-        text = await sub.get()
-        if text is None:
+        body = await sub.get()
+        if body is None:
             return
-        await ws.send(text)
+        await ws.send(body, text=True)  # already UTF-8 JSON: sent as a text frame without a copy
 
 
 async def _read(ws: ServerConnection) -> None:
@@ -69,7 +72,11 @@ async def handle(app: "ChorusServer", ws: ServerConnection) -> None:
     app.subscriptions.add(finished)
     tasks: list[asyncio.Task] = []
     try:
-        await ws.send(json.dumps({"type": "subscribed", "call_id": call_id}))
+        subscribed: dict = {"type": "subscribed", "call_id": call_id}
+        if sub.history_dropped:
+            # Events of this call that its bounded history no longer holds (their `seq`s are missing).
+            subscribed["history_dropped"] = sub.history_dropped
+        await ws.send(json.dumps(subscribed))
         writer = asyncio.create_task(_write(ws, sub))
         overflow = asyncio.create_task(sub.overflowed_event.wait())
         reader = asyncio.create_task(_read(ws))

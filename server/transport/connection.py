@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN = 1013  # refused for load: the client may retry later
 # A close handshake needs the client to read what is queued before the close frame; one that
 # has not completed in this long (a client that stopped reading) is ended by aborting the TCP
 # connection, so a stalled client cannot hold its session slot.
@@ -48,7 +49,9 @@ class Connection:
       connection ends by a drain or the session-length limit;
     - ``report(code, message, fatal)``: an error in the dialect's words;
     - ``settle()``, optionally: when results also go to someone other than this client (a
-      call's application), deliver them however the connection ended.
+      call's application), deliver them however the connection ended;
+    - ``results_have_other_readers()``, with ``settle()``: whether such readers wait now (then
+      a kicked client's sessions are not dropped at the kick but finished by ``settle()``).
 
     A dialect whose connection carries several sessions (a stereo stream's channels)
     lists them in ``all_sessions()``; ``session`` is the first.
@@ -98,20 +101,35 @@ class Connection:
         bug): deliver what is owed to readers other than this client. The sessions are
         closed right after."""
 
+    def results_have_other_readers(self) -> bool:
+        return False
+
     async def settle_call(self, call: "CallStream | None", finalise: Callable[[], Awaitable[None]]) -> None:
         """For a dialect whose results also go to a call (the application is their reader, not
         this socket): ``finalise`` the sessions, so the words said so far reach the call, within
-        the shutdown budget, then end the call ``disconnected``. Nothing if the call already ended."""
+        the shutdown budget, then end the call ``disconnected`` (``slow_consumer`` for a client
+        kicked for not reading). Segments whose finals were not out when the budget ran out are
+        counted in the event's ``lost_segments``. Nothing if the
+        call already ended."""
         if call is None or call.ended:
             return
+        reason = "slow_consumer" if self._kicked else "disconnected"
         try:
             await asyncio.wait_for(finalise(), self.cfg.shutdown_timeout_s)
         except asyncio.CancelledError:
-            call.end("disconnected")
+            self._end_call(call, reason)
             raise
         except Exception as exc:  # noqa: BLE001 - the call must still end
             log.warning("session %s: finals after the disconnect were lost: %r", self.sid(), exc)
-        call.end("disconnected")
+        self._end_call(call, reason)
+
+    def _end_call(self, call: "CallStream", reason: str) -> None:
+        lost = sum(session.pending_finals for session in self.all_sessions())
+        if lost:
+            log.warning("session %s: call %s ended with %d segment(s) not recognised", self.sid(), call.call_id[:64], lost)
+            call.end(reason, lost_segments=lost)
+        else:
+            call.end(reason)
 
     def all_sessions(self) -> list["Session"]:
         return [self.session] if self.session is not None else []
@@ -137,15 +155,17 @@ class Connection:
 
     def _kick(self) -> None:
         """The client is not reading: cut it loose rather than hold its backlog. Its session
-        stops now (no more model work for results nobody reads), the read loop ends at its
-        next message, and the connection closes with 1008 or, if the client does not take
+        stops now (no more model work for results nobody reads; a session whose results also
+        go to a call is finished by ``settle()`` instead), the read loop ends at its next message, and the connection closes with 1008 or, if the client does not take
         the close frame within the grace period, is aborted (which also ends the read loop)."""
         self._kicked = True
         log.warning("session %s: client fell %d messages (%d characters) behind; closing 1008",
                     self.sid(), self.outbox.qsize(), self._outbox_bytes)
         self.app.metrics.errors.labels("slow_consumer").inc()
-        for session in self.all_sessions():
-            session.close()
+        if not self.results_have_other_readers():
+            for session in self.all_sessions():
+                session.close()
+        # else settle() finishes the sessions: the finals they owe reach the call's readers.
         if self._writing is not None:
             self._writing.cancel()  # it is stuck on the full socket; the close frame goes next
         self._kick_close = asyncio.get_running_loop().create_task(self.close(CLOSE_POLICY, SLOW_CONSUMER))
@@ -347,13 +367,28 @@ class Connection:
 
 async def close_or_abort(ws: ServerConnection, code: int, reason: str) -> bool:
     """Close with ``code``; a client that does not complete the close handshake within
-    CLOSE_GRACE_S (it stopped reading) has its TCP connection aborted. False if aborted."""
+    CLOSE_GRACE_S (it stopped reading) has its TCP connection aborted. False if aborted.
+
+    What the client still sends meanwhile is read and thrown away: with the receive queue full
+    (`server.max_received_frames`) websockets stops reading the socket, and the client's close
+    frame would sit unread behind its audio until the grace period ran out."""
+    discard = asyncio.ensure_future(_discard_incoming(ws))
     try:
         await asyncio.wait_for(ws.close(code, reason), timeout=CLOSE_GRACE_S)
         return True
     except asyncio.TimeoutError:
         ws.transport.abort()
         return False
+    finally:
+        discard.cancel()
+
+
+async def _discard_incoming(ws: ServerConnection) -> None:
+    try:
+        while True:
+            await ws.recv(decode=False)
+    except Exception:  # noqa: BLE001 - closed, or another coroutine is reading: nothing left to do
+        pass
 
 
 async def handle(app: "ChorusServer", ws: ServerConnection, conn: Connection) -> None:

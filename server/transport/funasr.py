@@ -8,21 +8,25 @@ native stream. Modes map onto what a session produces:
 - ``2pass``: partials become append-only ``2pass-online`` increments (protocol.funasr.
   OnlineText); every final is a ``2pass-offline`` sentence with ``timestamp``.
 - ``online``: the same increments as ``online``; at a sentence's end the rest of its
-  final text follows with ``is_final`` true.
+  final text follows. Which messages carry ``is_final`` true (``funasr.is_final``), and
+  the sentence fields, are protocol.funasr.Results's.
 - ``offline``: no partials; the sentences are gathered and sent as one ``offline``
   message when the audio ends. With a ``wav_format`` other than pcm the audio is a file,
-  decoded (off the event loop) when it ends.
+  decoded when it ends: in a worker thread, a chunk at a time, each chunk fed to the session
+  in slices (``_FileFeed``), so the decoded audio held is a chunk, never the file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import logging
-from typing import TYPE_CHECKING, Any, Awaitable
+from typing import TYPE_CHECKING, Any, Awaitable, Iterator
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection
+from websockets.protocol import State
 
 from server.audio.codecs import AudioFormatError
 from server.protocol import funasr
@@ -61,7 +65,8 @@ class FunasrConnection(Connection):
         self.settings = FunasrSettings()
         self._round: FunasrSettings | None = None  # the settings the current utterance started with
         self._odd = b""  # a PCM16 message may end mid-sample: its last byte waits for the next
-        self._file: bytearray | None = None  # offline mode, non-pcm wav_format: the file so far
+        self._file: io.BytesIO | None = None  # offline mode, non-pcm wav_format: the file so far
+        self._feeding: _FileFeed | None = None  # that file once it ended, until all of it is fed
         self._sentences: list[_Sentence] = []  # offline mode: this utterance's finals so far
         self._online: dict[int, OnlineText] = {}
         # The end of what the client shows (its finished sentences, then the open one's online
@@ -69,6 +74,7 @@ class FunasrConnection(Connection):
         self._final_text = ""
         self._online_text = ""
         self._errors: list[str] = []  # for the is_end acknowledgement
+        self._results = funasr.Results(self.fcfg.is_final)  # is_final and sentence fields (2pass, online)
 
     # ------------------------------------------------------------------ SessionOutput
     def on_speech_started(self, segment_id: int, start_ms: int) -> None:
@@ -84,7 +90,7 @@ class FunasrConnection(Connection):
         if delta:
             out = funasr.joiner(self._final_text + self._online_text, delta) + delta
             self._online_text += out
-            self.send(funasr.result(funasr.mode_label(mode, True), self._wav_name, out, False))
+            self._send_all(self._results.online(funasr.mode_label(mode, True), self._wav_name, out))
 
     def on_final(self, segment_id: int, text: str, start_ms: int, end_ms: int, cut_ms: int, fields: dict[str, Any],
                  words: list[Word] | None = None) -> None:
@@ -101,13 +107,12 @@ class FunasrConnection(Connection):
             rest = tracker.final(text)
             out = funasr.joiner(shown, rest) + rest
             self._final_text, self._online_text = (shown + out)[-64:], ""
-            if out:
-                self.send(funasr.result("online", self._wav_name, out, True))
+            self._send_all(self._results.online_end(self._wav_name, out))
             return
         # 2pass: clients replace the sentence's online text with this one.
         out = funasr.joiner(self._final_text, tags + text) + tags + text
         self._final_text, self._online_text = (self._final_text + out)[-64:], ""
-        self.send(funasr.result("2pass-offline", self._wav_name, out, True, words))
+        self._send_all(self._results.sentence(self._wav_name, out, start_ms, end_ms, words))
 
     def report(self, code: str, message: str, fatal: bool) -> None:
         if not fatal:
@@ -115,6 +120,10 @@ class FunasrConnection(Connection):
         self.send(funasr.error(self.settings.wav_name, code, message, fatal))
 
     # ------------------------------------------------------------------ helpers
+    def _send_all(self, messages: list[str]) -> None:
+        for text in messages:
+            self.send(text)
+
     @property
     def _mode(self) -> str:
         return (self._round or self.settings).mode
@@ -148,17 +157,27 @@ class FunasrConnection(Connection):
                  self.settings.mode, stream.sample_rate, self.settings.wav_name[:64])
         return self.session
 
-    async def _end_utterance(self, ack: bool) -> None:
+    async def _end_utterance(self, ack: bool, answer: bool = True) -> None:
         """The client's audio ended: recognise what is left, send what its mode owes, and
-        (for ``is_end``) acknowledge."""
+        (for ``is_end``) acknowledge. ``answer``: a streamed mode's end gets its final message
+        even with nothing left to say (the client asked; not so when the connection ends)."""
         self.hold()
+        if self._mode != "offline" and (answer or self.session is not None):
+            self._results.end()
         if self._file is not None:
-            await self._decode_and_feed(bytes(self._file))
+            self._feeding = _FileFeed(self._file, self._max_file_s())
             self._file = None
+        if self._feeding is not None:
+            # A drain may cancel this mid-feed and call it again (finish): the feed goes on from
+            # where it was, so no audio reaches the session twice.
+            await self._feed_file(self._feeding)
+            self._feeding.close()
+            self._feeding = None
         if self.session is not None:
             await self.session.stop()
             self.session.close()
         mode = self._mode
+        self._send_all(self._results.ended(funasr.mode_label(mode, False), self._wav_name))
         if mode == "offline":
             text = join([s.text for s in self._sentences])
             words: list[Word] = [w for s in self._sentences for w in s.words]
@@ -173,27 +192,44 @@ class FunasrConnection(Connection):
         self._final_text = self._online_text = ""
         self._errors = []
 
-    async def _decode_and_feed(self, data: bytes) -> None:
+    def _max_file_s(self) -> float:
+        """Decoded seconds one file may have: `files.max_audio_s`, and no more than a session may
+        last (`server.max_session_s`, when set)."""
+        limit = self.app.config.files.max_audio_s
+        return min(limit, self.cfg.max_session_s) if self.cfg.max_session_s > 0 else limit
+
+    async def _feed_file(self, feed: "_FileFeed") -> None:
+        """Feed what is left of ``feed`` to the session (begun at its first chunk); an
+        undecodable or too long file gets an error, and what was fed of it is still recognised."""
         # Imported here: PyAV (FFmpeg, ~36 MB) is needed only by clients that send files, so a
         # machine without it (e.g. the air-gapped GPU kit) still serves every stream.
-        from server.audio.media import decode_file
+        from server.audio.media import AudioTooLong
 
-        loop = asyncio.get_running_loop()
+        step = 2 * _SLICE_BYTES  # float32: one second of 16 kHz audio
         try:
-            # Decoding a file is seconds of CPU for a long one: not on the event loop.
-            audio = await loop.run_in_executor(None, decode_file, data, self.cfg.max_session_s or None)
+            # Nobody to answer (kicked, or gone): decoding the rest would be wasted work.
+            while not (self.kicked or self.ws.state is State.CLOSED):
+                piece = await feed.next_slice(step)
+                if piece is None:
+                    return
+                session = self.session or self._begin_utterance(pcm=False)
+                session.feed_audio(piece)
+                if session.held_back:
+                    await self.backpressure()
+                else:
+                    await asyncio.sleep(0)
+        except AudioTooLong as e:
+            rest = "; the audio up to the limit is recognised" if self.session is not None else ""
+            self.on_error("audio_too_long", f"{e} (files.max_audio_s){rest}", False)
         except AudioFormatError as e:
             self.on_error("bad_audio", f"the file could not be decoded: {e}", False)
-            return
-        session = self.session or self._begin_utterance(pcm=False)
-        await self._feed(session, audio.astype(np.float32).tobytes())
 
     async def _feed(self, session: Session, data: bytes) -> None:
         await self.feed(session, data, _SLICE_BYTES * (2 if session.stream.encoding == "pcm_f32le" else 1))
 
     # ------------------------------------------------------------------ hooks
     async def finish(self, drain: bool) -> None:
-        await self._end_utterance(ack=False)
+        await self._end_utterance(ack=False, answer=False)
 
     async def on_text(self, text: str) -> Close | None:
         try:
@@ -218,12 +254,12 @@ class FunasrConnection(Connection):
     def on_audio(self, data: bytes) -> Awaitable[None] | None:  # type: ignore[override]
         limit = self.fcfg.max_file_bytes
         if self.settings.mode == "offline" and not self.settings.is_pcm:
-            self._file = self._file if self._file is not None else bytearray()
-            if len(self._file) + len(data) > limit:
+            self._file = self._file if self._file is not None else io.BytesIO()
+            if self._file.tell() + len(data) > limit:
                 self.on_error("file_too_large", f"the file exceeds funasr.max_file_bytes ({limit} bytes); dropped", False)
-                self._file = bytearray()
+                self._file = io.BytesIO()
                 return None
-            self._file += data
+            self._file.write(data)
             return None
         if len(data) > limit:
             self.on_error("message_too_large", f"audio message of {len(data)} bytes exceeds {limit}; dropped", False)
@@ -249,6 +285,55 @@ class FunasrConnection(Connection):
             self.on_error("bad_audio", f"{e}; message dropped", False)
             return None
         return self._feed(session, data)
+
+
+class _FileFeed:
+    """One offline file: decoded in a worker thread a chunk (10 s) at a time, handed out in
+    slices. Its place survives an interruption: a drain that cancels the feed mid-file and
+    then finishes it gets the next slice, not the file again, and a chunk whose decode was
+    under way when the wait was cancelled is not lost (the wait is shielded)."""
+
+    def __init__(self, file: io.BytesIO, max_seconds: float) -> None:
+        from server.audio.media import iter_file
+
+        file.seek(0)
+        self._chunks: Iterator[np.ndarray] = iter_file(file, max_seconds)
+        self._decoding: asyncio.Future[memoryview | None] | None = None
+        self._chunk = memoryview(b"")
+        self._pos = 0
+
+    async def next_slice(self, size: int) -> memoryview | None:
+        """The next ``size`` bytes of float32 audio (a view, not a copy), None at the end.
+        Raises AudioFormatError as the decoder does."""
+        if self._pos >= len(self._chunk):
+            if self._decoding is None:
+                # Decoding is seconds of CPU for a long file: not on the event loop.
+                self._decoding = asyncio.get_running_loop().run_in_executor(None, _next_chunk, self._chunks)
+            try:
+                chunk = await asyncio.shield(self._decoding)
+            finally:
+                if self._decoding is not None and self._decoding.done():
+                    self._decoding = None
+            if chunk is None:
+                return None
+            self._chunk, self._pos = chunk, 0
+        piece = self._chunk[self._pos:self._pos + size]
+        self._pos += len(piece)
+        return piece
+
+    def close(self) -> None:
+        """Stop decoding and close the file (after the decode under way, if one is)."""
+        decoding, self._decoding = self._decoding, None
+        if decoding is not None and not decoding.done():
+            decoding.add_done_callback(lambda f: (f.cancelled() or f.exception(), self._chunks.close()))
+        else:
+            self._chunks.close()
+
+
+def _next_chunk(chunks: Iterator[np.ndarray]) -> memoryview | None:
+    """The next decoded chunk as bytes, without a copy (worker thread)."""
+    chunk = next(chunks, None)
+    return None if chunk is None else memoryview(chunk).cast("B")
 
 
 def _log_hotwords_once(model: str) -> None:

@@ -2,10 +2,10 @@
 
 websockets calls ``process_request`` before the handshake; returning a Response
 answers over HTTP instead of upgrading. That is where /healthz, /livez and /metrics
-live, where access is checked (token, Origin: server/transport/access.py), and where
-a full, overloaded, draining or not-yet-warm server refuses with 503 (429 past the
-per-address limit), so the server never spends a WebSocket (or a session) on a
-client it cannot serve.
+live, where access is checked (each door's guards: Host, token, Origin, Twilio's
+signature; server/transport/access.py), and where a full, overloaded, draining or
+not-yet-warm server refuses with 503 (429 past the per-address limit), so the server
+never spends a WebSocket (or a session) on a client it cannot serve.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from server.protocol.twilio import signature_valid
 from server.transport import calls as calls_transport
 from server.transport import realtime as realtime_transport
 from server.transport import twilio as twilio_transport
+from server.transport.access import FUNASR, MAIN, find_door
 from server.transport.twilio import signed_urls
 from server.transport.page import page_response
 
@@ -59,6 +60,13 @@ def make_process_request(app: "ChorusServer") -> Callable:
 
     def process_request(connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
+        # The door (server/transport/access.py DOORS) says what guards this path; Twilio can
+        # send neither a header nor a query string of ours: its signature is the credential.
+        door = find_door(MAIN, path)
+        signed = (lambda: _twilio_signature(app, request, path)) if app.twilio_auth_token is not None else None
+        denied = app.access.guard(door, request, path, secure, twilio_signature=signed)
+        if denied is not None:
+            return denied
         if path == "/healthz":
             # Readiness: 200 only while a new session would be admitted (load balancers route on it).
             info = app.health()
@@ -69,17 +77,10 @@ def make_process_request(app: "ChorusServer") -> Callable:
             return json_response(200 if reason is None else 503, "OK" if reason is None else "Service Unavailable",
                                  {"live": reason is None, "reason": reason})
         # The captioning page is static and holds no secret: it asks for the token itself and
-        # sends it with its stream, where the check below applies.
+        # sends it with its stream, where the stream's door applies.
         page = page_response(path)
         if page is not None:
             return page
-        if path == twilio_transport.PATH and app.twilio_auth_token is not None:
-            # Twilio can send neither a header nor a query string of ours: its signature is the credential.
-            denied = _twilio_signature(app, request, path) or app.access.check_origin(request, path, secure)
-        else:
-            denied = app.access.check(request, path, secure)
-        if denied is not None:
-            return denied
         if path == "/metrics":
             return _response(200, "OK", app.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
         if path == calls_transport.PATH:
@@ -93,12 +94,13 @@ def make_process_request(app: "ChorusServer") -> Callable:
 
 def make_funasr_process_request(app: "ChorusServer") -> Callable:
     """The FunASR listener's gate: FunASR clients connect to any path (usually `/`), so every
-    path is a stream; the same access rules and admission as the main port apply."""
+    path is a stream, /healthz and /metrics included: its one door needs what the main port's
+    streams need, and the same admission applies."""
     secure = bool(app.config.server.tls_cert)
 
     def process_request(connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
-        denied = app.access.check(request, path, secure)
+        denied = app.access.guard(find_door(FUNASR, path), request, path, secure)
         if denied is not None:
             return denied
         return _admit(app, connection, request)

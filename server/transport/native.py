@@ -15,7 +15,7 @@ import numpy as np
 from websockets.asyncio.server import ServerConnection
 
 from server.audio.codecs import BYTES_PER_SAMPLE, AudioFormatError
-from server.calls.hub import CallStream
+from server.calls.hub import CallStream, UnencodableEvent
 from server.calls.track import TrackOutput
 from server.protocol import native
 from server.protocol.native import Finalize, KeepAlive, ProtocolError, Start, Stop
@@ -84,9 +84,14 @@ class NativeConnection(Connection):
     def report(self, code: str, message: str, fatal: bool) -> None:
         self.send(native.error(code, message, fatal))
 
+    def results_have_other_readers(self) -> bool:
+        # The call's application reads this stream's finals too: a kick must not drop them.
+        return self.call is not None and not self.call.ended
+
     # ------------------------------------------------------------------ calls
     def _open_call(self, metadata: dict[str, Any] | None) -> None:
-        """A stream that names a call publishes it on the hub from its first audio or metadata."""
+        """A stream that names a call publishes it on the hub from its first audio or metadata.
+        Raises UnencodableEvent (nothing opened) for metadata JSON cannot carry."""
         if self._call_id is None or self.call is not None:
             return
         names = TRACK_NAMES[len(self.channels)]
@@ -97,11 +102,20 @@ class NativeConnection(Connection):
 
     def _metadata(self, metadata: dict[str, Any], size: int) -> None:
         """A bridge's metadata frame (mod_audio_stream sends the text given on its command line
-        first, and more with send_text/stop): the call's metadata, never a protocol error."""
+        first, and more with send_text/stop): the call's metadata, never a protocol error. One
+        that JSON cannot carry (NaN, an unpaired surrogate) is refused with a non-fatal error,
+        before the call opens if it would have opened it."""
+        published = True
         if self.call is None:
-            self._open_call(metadata)
+            try:
+                self._open_call(metadata)
+            except UnencodableEvent:
+                published = False
         elif self._call_id is not None:
-            self.call.publish("metadata", None, {"metadata": metadata})
+            published = self.call.publish("metadata", None, {"metadata": metadata}) or self.call.ended
+        if not published:
+            self.on_error("bad_metadata", "the metadata frame holds a value JSON cannot carry (NaN, Infinity or "
+                          "an unpaired surrogate); dropped", False)
         log.debug("session %s: metadata frame of %d characters", self.sid(), size)
 
     # ------------------------------------------------------------------ hooks
@@ -129,6 +143,11 @@ class NativeConnection(Connection):
             languages=self.app.runner.languages(),
         )
         n, self._call_id = native.call_options(fields)
+        if n > 1:
+            # Each channel is a session of its own for the model: admission charges every one.
+            refusal = self.app.admission.charge(self.ws, n)
+            if refusal is not None:
+                raise ProtocolError("capacity", f"{n} channels need {n} sessions: {refusal.message}", fatal=True)
         self._width = BYTES_PER_SAMPLE[stream.encoding]
         self._outputs = [_Channel(self, i if n > 1 else None) for i in range(n)]
         self.channels = [Session(self.app.config, stream, self.app.batcher, out, self.app.metrics) for out in self._outputs]

@@ -18,6 +18,7 @@ recorded as a jump of the track's clock.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 from typing import TYPE_CHECKING, Mapping
 
@@ -25,7 +26,7 @@ import numpy as np
 from websockets.asyncio.server import ServerConnection
 
 from server.audio.codecs import AudioFormatError, encode
-from server.calls.hub import CallStream
+from server.calls.hub import CallStream, UnencodableEvent
 from server.calls.track import TrackOutput
 from server.config import Config
 from server.protocol import native, twilio
@@ -35,7 +36,7 @@ from server.secrets import read_secret
 from server.session import Session
 from server.stream_config import StreamConfig
 from server.transport import connection
-from server.transport.connection import CLOSE_NORMAL, CLOSE_POLICY, Close, Connection
+from server.transport.connection import CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_AGAIN, Close, Connection
 
 if TYPE_CHECKING:
     from server.app import ChorusServer
@@ -56,6 +57,35 @@ _LOGGED_ERRORS = 5
 def load_auth_token(config: Config, environ: Mapping[str, str]) -> str | None:
     """The Twilio Auth Token from ``$CHORUS_TWILIO_AUTH_TOKEN`` or `twilio.auth_token_file`, or None."""
     return read_secret(environ, AUTH_TOKEN_ENV, config.twilio.auth_token_file, "twilio.auth_token_file")
+
+
+def public_url_warning(config: Config, auth_token: str | None) -> str | None:
+    """Why `twilio.public_url` is probably needed and is not set, or None.
+
+    Only a server that checks signatures (an Auth Token is set) needs the URL Twilio signed. Twilio
+    connects only to ``wss://`` URLs at public addresses, so a server bound to loopback, or one
+    serving without TLS, is reached through something in front of it (a tunnel such as ngrok, a
+    TLS-terminating proxy or load balancer). That is what "behind a proxy" means here: detectable
+    from the configuration at startup. Such a front may pass on a Host other than the one in the
+    TwiML's URL (nginx sends its upstream's name unless told `proxy_set_header Host $host`), and
+    then every signature check fails."""
+    if not config.twilio.enabled or auth_token is None or config.twilio.public_url:
+        return None
+    host = config.server.host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        why = f"listens on loopback ({config.server.host})"
+    elif not config.server.tls_cert:
+        why = "serves without TLS (Twilio connects only to wss:// URLs)"
+    else:
+        return None
+    return (f"twilio.public_url is not set and this server {why}, so Twilio reaches it through a proxy or "
+            f"tunnel: its X-Twilio-Signature is checked against wss://<the Host header the proxy passes on>"
+            f"{PATH}, and every stream is refused (403) if that Host is not the one in your TwiML's URL; set "
+            f"twilio.public_url to that URL")
 
 
 def signed_urls(config: Config, host: str | None, path: str) -> list[str]:
@@ -137,10 +167,23 @@ class TwilioConnection(Connection):
         if self.start is not None:
             self.on_error("already_started", "a second `start` on one stream; ignored", False)
             return None
+        if len(msg.tracks) > 1:
+            # Each track is a session of its own for the model: admission charges both.
+            refusal = self.app.admission.charge(self.ws, len(msg.tracks))
+            if refusal is not None:
+                self.on_error("capacity", f"{len(msg.tracks)} tracks need {len(msg.tracks)} sessions: "
+                              f"{refusal.message}; stream refused", True)
+                return CLOSE_TRY_AGAIN, "capacity"
+        try:
+            self.call = self.app.calls.open(msg.call_sid, "twilio", stream_id=msg.stream_sid,
+                                            metadata=self._metadata(msg), tracks=msg.tracks)
+        except UnencodableEvent:
+            # Refused before the call is registered: there is no call to leave open.
+            self.on_error("bad_start", "`start.customParameters` hold a value JSON cannot carry (an unpaired "
+                          "surrogate); stream refused", True)
+            return CLOSE_POLICY, "bad_start"
         # The call opens either way: a bad option is an error the application sees on it.
         self.start = msg
-        self.call = self.app.calls.open(msg.call_sid, "twilio", stream_id=msg.stream_sid,
-                                        metadata=self._metadata(msg), tracks=msg.tracks)
         try:
             fields = native.build_config(
                 twilio.options(msg.custom),
@@ -221,4 +264,4 @@ async def handle(app: "ChorusServer", ws: ServerConnection) -> None:
     await connection.handle(app, ws, TwilioConnection(app, ws))
 
 
-__all__ = ["PATH", "TwilioConnection", "handle", "load_auth_token", "signed_urls"]
+__all__ = ["PATH", "TwilioConnection", "handle", "load_auth_token", "public_url_warning", "signed_urls"]
