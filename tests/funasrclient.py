@@ -5,7 +5,9 @@ It sends what the document describes (a JSON message of settings, raw PCM16 in b
 messages, ``{"is_speaking": false}`` at the end) and assembles the text the way the
 document's modes mean it: ``online`` / ``2pass-online`` text is appended as it comes;
 a ``2pass-offline`` message replaces the online text of its sentence; ``offline``
-messages carry finished text.
+messages carry finished text. With ``until_final`` it reads as clients of FunASR's C++
+runtime do (runtime/websocket/bin/funasr-wss-client-2pass.cpp closes the connection at the
+first message with ``is_final`` true).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ async def run_funasr(
     subprotocols: list[str] | None = None,
     timeout: float = 120.0,
     one_frame: bool = False,
+    until_final: bool = False,
 ) -> FunasrRun:
     """Stream ``pcm`` (16-bit little-endian at ``first['audio_fs']``, default 16 kHz) and
     collect every message until the end acknowledgement (``"is_end": true`` in ``end``), or
@@ -72,7 +75,8 @@ async def run_funasr(
 
     ``chunk_bytes``: bytes per message (default: the document's chunk, chunk_size[1] x 60 ms
     divided by chunk_interval); ``speed``: pacing against real time (None = as fast as
-    possible); ``one_frame``: the whole audio in one binary message."""
+    possible); ``one_frame``: the whole audio in one binary message; ``until_final``: stop
+    sending and reading at the first message with ``is_final`` true, whenever it comes."""
     end = {"is_speaking": False, "is_end": True} if end is None else end
     rate = int(first.get("audio_fs", 16000))
     chunk = first.get("chunk_size", [5, 10, 5])
@@ -95,7 +99,7 @@ async def run_funasr(
                     msg = json.loads(raw)
                     run.messages.append(msg)
                     run.times.append(time.monotonic() - t0)
-                    if msg.get("is_end") is True:
+                    if msg.get("is_end") is True or until_final and msg.get("is_final") is True:
                         return
                     if wait_for_offline and msg.get("mode") == "offline":
                         return

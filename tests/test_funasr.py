@@ -37,6 +37,7 @@ LONG = DATA / "sense_and_sensibility_01_austen_64kb-0870.wav"
 SHORT = DATA / "sense_and_sensibility_01_austen_64kb-0880.wav"
 RESULT_KEYS = {"mode", "wav_name", "text", "is_final"}
 STAMP_KEYS = {"timestamp", "stamp_sents"}
+SENTENCE_KEYS = {"slice_type", "index", "start_time", "end_time"}  # FunASR's C++ runtime's
 
 
 def free_port() -> int:
@@ -82,35 +83,69 @@ def check_stamps(result: dict, clip_ms: int) -> list[list[int]]:
     return pairs
 
 
-def check_shapes(run: FunasrRun, mode: str, wav_name: str, clip_ms: int) -> None:
+def check_shapes(run: FunasrRun, mode: str, wav_name: str, clip_ms: int, is_final: str = "runtime") -> None:
+    """The messages of one utterance, ended by `is_end`. `is_final`: "runtime" (the default), as
+    FunASR's C++ runtime marks it (only the answer to the end of audio is final), or
+    "per_sentence", as FunASR's Python server does."""
     assert not run.errors(), run.errors()
     results = run.results()
     assert results, run.messages
     for m in results:
         assert m["wav_name"] == wav_name
-        assert RESULT_KEYS <= set(m) <= RESULT_KEYS | STAMP_KEYS, m
+        assert RESULT_KEYS <= set(m) <= RESULT_KEYS | STAMP_KEYS | SENTENCE_KEYS, m
         assert isinstance(m["text"], str) and isinstance(m["is_final"], bool)
     if mode == "offline":
         # One answer per end of audio, with every sentence, final.
         assert len(results) == 1 and results[0]["mode"] == "offline" and results[0]["is_final"] is True
+        assert not SENTENCE_KEYS & set(results[0])
         check_stamps(results[0], clip_ms)
     elif mode == "2pass":
         assert {m["mode"] for m in results} <= {"2pass-online", "2pass-offline"}
         for m in results:
-            # Online increments are not final; each corrected sentence is (FunASR's Python server).
-            assert m["is_final"] is (m["mode"] == "2pass-offline"), m
+            if is_final == "per_sentence":
+                # Online increments are not final; each corrected sentence is (FunASR's Python server).
+                assert m["is_final"] is (m["mode"] == "2pass-offline"), m
+            if m["mode"] == "2pass-offline" and m is results[-1] and not STAMP_KEYS & set(m):
+                # The runtime's answer to the end of audio when no sentence was left open.
+                assert is_final == "runtime" and m == {"mode": "2pass-offline", "wav_name": wav_name, "text": "",
+                                                       "is_final": True}, m
+                continue
             assert (STAMP_KEYS <= set(m)) is (m["mode"] == "2pass-offline"), m
             if m["mode"] == "2pass-offline":
                 check_stamps(m, clip_ms)
+                assert m["slice_type"] == 2 and 0 <= m["start_time"] < m["end_time"] <= clip_ms + 100, m
             else:
                 assert m["text"], m  # increments carry new text only
+                assert not {"start_time", "end_time"} & set(m), m
+        check_sentence_numbers([m for m in results if "index" in m], ended=True)
+        sentences = [m for m in results if m["mode"] == "2pass-offline" and "index" in m]
+        assert [m["index"] for m in sentences] == list(range(len(sentences)))
+        times = [t for m in sentences for t in (m["start_time"], m["end_time"])]
+        assert times == sorted(times), times
     else:
         assert {m["mode"] for m in results} == {"online"}
         assert not any(STAMP_KEYS & set(m) for m in results)
-        assert results[-1]["is_final"] is True  # the last sentence's end
+        assert results[-1]["is_final"] is True  # the last sentence's end, or the answer to the end of audio
+        check_sentence_numbers([m for m in results if "index" in m], ended=False)
+        assert all("index" in m for m in results if m["text"])
+    if is_final == "runtime":
+        # Final: the answer to is_speaking false, and nothing before it.
+        assert [m["is_final"] for m in results] == [False] * (len(results) - 1) + [True], results
     ack = run.ack()
     assert ack == {"mode": mode, "wav_name": wav_name, "is_final": True, "is_end": True}, run.messages[-3:]
     assert run.messages[-1] is ack
+
+
+def check_sentence_numbers(msgs: list[dict], ended: bool) -> None:
+    """`index` numbers the sentences from 0, in order; `slice_type` is 0 on a sentence's first
+    online message and 1 on its later ones; with `ended` (2pass) each sentence ends in one
+    2pass-offline message, slice_type 2."""
+    indexes = [m["index"] for m in msgs]
+    assert all(b - a in (0, 1) for a, b in zip([-1] + indexes, indexes)), indexes
+    for i in sorted(set(indexes)):
+        types = [m["slice_type"] for m in msgs if m["index"] == i]
+        online = [0] + [1] * (len(types) - 1 - ended)
+        assert types == (online[:len(types) - 1] + [2] if ended else online), (i, types)
 
 
 def test_2pass_and_online_stream_increments_then_sentences(fa):
@@ -142,6 +177,92 @@ def test_2pass_and_online_stream_increments_then_sentences(fa):
             # A client concatenating sentences gets the space between them, and none before the first.
             assert not offline[0]["text"].startswith(" ") and all(m["text"].startswith(" ") for m in offline[1:])
             assert wer(JFK, "".join(m["text"] for m in offline)) <= 0.1
+
+
+@pytest.mark.parametrize("mode", ["2pass", "online", "offline"])
+def test_a_client_of_funasrs_runtime_gets_every_sentence(fa, mode):
+    """As clients written for FunASR's C++ runtime (its Docker images) read: every message until
+    the first with `is_final` true, then close. `is_final` is true only on the answer to
+    `is_speaking: false`, so a two-sentence recording comes back whole, not cut after its first
+    sentence. Sent faster than real time: the claim is not about timing."""
+    run = asyncio.run(run_funasr(fa.funasr_url, pcm_at(JFK, 16000), {"mode": mode, "wav_name": "rt"},
+                                 end={"is_speaking": False}, until_final=True, speed=None))
+    results = run.results()
+    assert not run.errors() and results and results[-1] is run.messages[-1], run.messages
+    assert [m["is_final"] for m in results] == [False] * (len(results) - 1) + [True], results
+    if mode == "2pass":
+        sentences = [m for m in results if m["mode"] == "2pass-offline" and m["text"]]
+        assert len(sentences) >= 2, results  # the clip has two sentences, cut at its pause
+        assert [m["index"] for m in sentences] == list(range(len(sentences)))
+    assert wer(JFK, run.text()) <= 0.1, run.text()
+
+
+@pytest.mark.parametrize("mode", ["2pass", "online"])
+def test_funasr_python_from_pypi_gets_every_sentence(fa, mode):
+    """A FunASR client no one here wrote: `funasr-python` (PyPI), `AsyncFunASRClient.
+    recognize_file` with callbacks. It stops reading at the first `is_final` true; with
+    per-sentence marking that was the first sentence, and the rest of the recording was lost."""
+    from funasr_client import AsyncFunASRClient, AsyncSimpleCallback, ClientConfig, RecognitionMode
+
+    texts: list[tuple[bool, str]] = []
+    errors: list = []
+
+    async def partial(result) -> None:
+        texts.append((False, result.text))
+
+    async def final(result) -> None:
+        texts.append((True, result.text))
+
+    async def error(e) -> None:
+        errors.append(e)
+
+    async def main():
+        # 100 ms per audio message (chunk_interval, in ms here), sent as fast as it goes.
+        config = ClientConfig(server_url=fa.funasr_url, mode=RecognitionMode(mode), chunk_interval=100, timeout=60.0,
+                              auto_reconnect=False)
+        client = AsyncFunASRClient(config=config)
+        try:
+            return await client.recognize_file(str(JFK), callback=AsyncSimpleCallback(partial, final, on_error=error))
+        finally:
+            await client.close()
+
+    answer = asyncio.run(main())
+    assert not errors and texts and texts[-1] == (True, answer.text) and [f for f, _ in texts].count(True) == 1, texts
+    # The callbacks get the text stripped and without its mode: in online mode they are the
+    # increments, which add up; in 2pass mode the increments and the sentences repeat each other,
+    # so the check is that the last sentence came: the recording's last words, in order.
+    heard = normalize_text(" ".join(t for _, t in texts)).split()
+    if mode == "online":
+        assert wer(JFK, " ".join(heard)) <= 0.1, texts
+    tail = normalize_text(TRANSCRIPTS["jfk.wav"]).split()[-8:]  # "ask what you can do for your country"
+    assert " ".join(tail) in " ".join(heard), texts
+
+
+@pytest.fixture(scope="module")
+def fa_per_sentence(whisper_runner):
+    cfg = make_config(**{"funasr.port": free_port(), "funasr.is_final": "per_sentence"})
+    with ServerThread(cfg, whisper_runner) as s:
+        s.funasr_url = f"ws://127.0.0.1:{s.app.funasr_port}"
+        yield s
+
+
+@pytest.mark.parametrize("mode", ["2pass", "online"])
+def test_per_sentence_marking_is_as_funasrs_python_server(fa_per_sentence, mode):
+    """`funasr.is_final: per_sentence`: every 2pass sentence, and the last online message of each
+    sentence, is final, as FunASR's Python server marks them (and as Chorus did before)."""
+    run = asyncio.run(run_funasr(fa_per_sentence.funasr_url, pcm_at(JFK, 16000), {"mode": mode, "wav_name": "ps"},
+                                 speed=None))
+    check_shapes(run, mode, "ps", 11000, is_final="per_sentence")
+    finals = [m for m in run.results() if m["is_final"]]
+    assert len(finals) >= 2, run.results()  # one per sentence: the clip has two
+    assert all(m["text"] for m in finals), finals
+    assert wer(JFK, run.text()) <= 0.1, run.text()
+
+
+def test_is_final_setting_is_checked():
+    assert make_config().funasr.is_final == "runtime"
+    with pytest.raises(ConfigError, match="funasr.is_final must be runtime or per_sentence"):
+        make_config(**{"funasr.is_final": "per_word"})
 
 
 @pytest.mark.parametrize("mode", ["2pass", "online", "offline"])

@@ -18,6 +18,7 @@ import json
 
 import pytest
 
+from server.protocol import funasr as codec
 from server.protocol.funasr import (
     ClientMessage, FunasrError, FunasrSettings, OnlineText, end_ack, error, joiner, mode_label,
     parse_message, result, sensevoice_tags, stamp_sents, timestamp, units,
@@ -776,3 +777,114 @@ def test_a_parse_error_becomes_an_error_message():
 
 # ====================================================================== once defects (fixed)
 
+
+
+# ====================================================================== is_final and sentence fields
+# The expected sequences are FunASR's C++ runtime's (runtime/websocket/bin/websocket-server-2pass.cpp
+# at FunASR 3c58cb5): while audio flows every message has is_final false; the one answer to
+# is_speaking false has it true; slice_type 0/1/2 and index number each sentence's messages.
+
+WORDS = [Word("Ask", 100, 300), Word("not.", 300, 600)]
+
+
+def decoded(messages: list[str]) -> list[dict]:
+    return [json.loads(m) for m in messages]
+
+
+def marks(msgs: list[dict]) -> list[tuple]:
+    return [(m["mode"], m["text"], m["is_final"], m.get("slice_type"), m.get("index")) for m in msgs]
+
+
+def test_runtime_2pass_marks_only_the_answer_to_the_end_of_audio_final():
+    r = codec.Results("runtime")
+    out = []
+    out += r.online("2pass-online", "w", "Ask")
+    out += r.online("2pass-online", "w", " not")
+    out += r.sentence("w", "Ask not.", 80, 640, WORDS)
+    out += r.online("2pass-online", "w", " Ask")
+    r.end()  # is_speaking false: the open sentence's final is the answer
+    held = r.sentence("w", " Ask what.", 900, 1700, WORDS)
+    assert held == []  # not yet known to be the last
+    out += held + r.ended("2pass-offline", "w")
+    msgs = decoded(out)
+    assert marks(msgs) == [
+        ("2pass-online", "Ask", False, 0, 0), ("2pass-online", " not", False, 1, 0),
+        ("2pass-offline", "Ask not.", False, 2, 0),
+        ("2pass-online", " Ask", False, 0, 1),
+        ("2pass-offline", " Ask what.", True, 2, 1),
+    ]
+    assert (msgs[2]["start_time"], msgs[2]["end_time"]) == (80, 640)
+    assert (msgs[4]["start_time"], msgs[4]["end_time"]) == (900, 1700)
+    assert msgs[2]["timestamp"] == "[[100,300],[300,600]]" and msgs[2]["stamp_sents"][0]["text_seg"] == "Ask not"
+    # Online increments carry no sentence times or stamps, as before and as the runtime.
+    assert not {"start_time", "end_time", "timestamp", "stamp_sents"} & set(msgs[0])
+
+
+def test_runtime_several_sentences_after_the_end_only_the_last_is_final():
+    r = codec.Results("runtime")
+    r.end()
+    out = r.sentence("w", "One.", 0, 500, []) + r.sentence("w", " Two.", 700, 1200, []) + r.ended("2pass-offline", "w")
+    assert marks(decoded(out)) == [("2pass-offline", "One.", False, 2, 0), ("2pass-offline", " Two.", True, 2, 1)]
+
+
+@pytest.mark.parametrize("label", ["2pass-offline", "online"])
+def test_runtime_end_with_nothing_left_is_an_empty_final_message(label):
+    r = codec.Results("runtime")
+    first = decoded(r.sentence("w", "Done.", 0, 500, []))
+    r.end()
+    last = decoded(r.ended(label, "w"))
+    assert first[0]["is_final"] is False
+    assert last == [{"mode": label, "wav_name": "w", "text": "", "is_final": True}]
+    assert r.ended(label, "w") == []  # one answer per end
+
+
+def test_runtime_online_mode_numbers_sentences_and_finals_only_at_the_end():
+    r = codec.Results("runtime")
+    out = r.online("online", "w", "Ask") + r.online_end("w", " not.")
+    out += r.online("online", "w", " Ask") + r.online("online", "w", " what")
+    r.end()
+    out += r.online_end("w", " you can do.") + r.ended("online", "w")
+    assert marks(decoded(out)) == [
+        ("online", "Ask", False, 0, 0), ("online", " not.", False, 1, 0),
+        ("online", " Ask", False, 0, 1), ("online", " what", False, 1, 1), ("online", " you can do.", True, 1, 1),
+    ]
+
+
+def test_online_sentence_with_nothing_sent_takes_no_number():
+    r = codec.Results("runtime")
+    assert r.online_end("w", "") == []
+    assert decoded(r.online("online", "w", "Hi"))[0]["index"] == 0
+
+
+def test_sentence_numbers_run_on_over_the_connections_utterances():
+    r = codec.Results("runtime")
+    r.sentence("w", "One.", 0, 500, [])
+    r.end()
+    r.ended("2pass-offline", "w")
+    assert marks(decoded(r.online("2pass-online", "w", "Two")))[0][3:] == (0, 1)
+
+
+def test_per_sentence_marks_as_funasrs_python_server():
+    r = codec.Results("per_sentence")
+    out = r.online("2pass-online", "w", "Ask") + r.sentence("w", "Ask not.", 0, 600, WORDS)
+    r.end()
+    out += r.sentence("w", " Ask what.", 900, 1700, WORDS)
+    assert r.ended("2pass-offline", "w") == []  # no message of its own
+    assert [(m["mode"], m["is_final"]) for m in decoded(out)] == [
+        ("2pass-online", False), ("2pass-offline", True), ("2pass-offline", True)]
+    online = codec.Results("per_sentence")
+    out = online.online("online", "w", "Ask") + online.online_end("w", " not.")
+    assert [m["is_final"] for m in decoded(out)] == [False, True]
+    assert online.online_end("w", "") == []  # nothing left: no message, as before
+
+
+def test_per_sentence_results_are_todays_plus_the_sentence_fields():
+    r = codec.Results("per_sentence")
+    (msg,) = decoded(r.sentence("w", "Ask not.", 0, 600, WORDS))
+    before = json.loads(result("2pass-offline", "w", "Ask not.", True, WORDS))
+    assert {k: v for k, v in msg.items() if k not in ("slice_type", "index", "start_time", "end_time")} == before
+
+
+def test_results_refuse_an_unknown_marking():
+    with pytest.raises(ValueError):
+        codec.Results("sometimes")

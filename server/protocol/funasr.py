@@ -4,7 +4,8 @@ FunASR clients send a JSON message of settings (``mode``, ``chunk_size``, ``audi
 ``wav_name``, ``hotwords``, ...), raw PCM16 audio in binary messages of any size, and
 ``{"is_speaking": false}`` at the end of their audio (``"is_end": true`` asks for an
 acknowledgement). Results are ``{"mode", "wav_name", "text", "is_final"}`` plus
-``timestamp`` (a *string* holding ``[[start_ms, end_ms], ...]``) and ``stamp_sents``.
+``timestamp`` (a *string* holding ``[[start_ms, end_ms], ...]``) and ``stamp_sents``, and
+FunASR's C++ runtime's sentence fields; ``Results`` decides which carry ``is_final`` true.
 
 The clients in the field are lenient readers but particular about a few things, which
 this module keeps:
@@ -381,6 +382,90 @@ def result(mode: str, wav_name: str, text: str, is_final: bool, words: Sequence[
         out["timestamp"] = timestamp(words)
         out["stamp_sents"] = stamp_sents(words)
     return _dumps(out)
+
+
+IS_FINAL = ("runtime", "per_sentence")
+
+
+class Results:
+    """One connection's result messages for streamed modes (2pass, online): where
+    ``is_final`` goes, and the sentence fields of FunASR's C++ runtime.
+
+    ``is_final`` ``"runtime"`` marks as FunASR's C++ WebSocket server does
+    (runtime/websocket/bin/websocket-server-2pass.cpp): every message sent while audio flows
+    is false, and the one message that answers ``is_speaking: false`` is true; it carries
+    the last sentence if one was still open, else empty text. Clients written for that
+    server stop reading at ``is_final`` true. The answer's sentences arrive one by one after
+    ``end()`` (a slow final may come after a quick one), so each is held until the next
+    comes or ``ended()``: only then is it known to be the last.
+    ``"per_sentence"`` marks as FunASR's Python demo server does: every ``2pass-offline``
+    sentence and the last ``online`` message of each sentence are true; ``end()`` and
+    ``ended()`` send nothing of their own.
+
+    The runtime's sentence fields go out in both: ``slice_type`` (0: the sentence's first
+    message, 1: a later online one, 2: the finished ``2pass-offline`` sentence) and ``index``
+    (the sentence's number on the connection, from 0) on every sentence message, and
+    ``start_time`` / ``end_time`` (ms on the utterance's clock) on ``2pass-offline``.
+    """
+
+    def __init__(self, is_final: str = "runtime") -> None:
+        if is_final not in IS_FINAL:
+            raise ValueError(f"is_final must be one of {IS_FINAL}, got {is_final!r}")
+        self.per_sentence = is_final == "per_sentence"
+        self.index = 0  # the open (or next) sentence's number; the runtime counts per connection
+        self._started = False  # a message of the open sentence has gone out
+        self._ending = False
+        self._held: dict[str, Any] | None = None
+
+    def online(self, label: str, wav_name: str, text: str) -> list[str]:
+        """An increment of the open sentence's online text (``label``: ``online`` or
+        ``2pass-online``)."""
+        return self._out({"mode": label, "wav_name": wav_name, "text": text, "is_final": False, **self._slice()})
+
+    def online_end(self, wav_name: str, text: str) -> list[str]:
+        """online mode, a sentence's end: the rest of its text (nothing if ``text`` is empty)."""
+        out: list[str] = []
+        if text:
+            out = self._out({"mode": "online", "wav_name": wav_name, "text": text, "is_final": self.per_sentence,
+                             **self._slice()})
+        if self._started:
+            self.index += 1
+            self._started = False
+        return out
+
+    def sentence(self, wav_name: str, text: str, start_ms: int, end_ms: int, words: Sequence[Word]) -> list[str]:
+        """2pass: a finished sentence, which replaces its online text."""
+        msg = {"mode": "2pass-offline", "wav_name": wav_name, "text": text, "is_final": self.per_sentence,
+               "timestamp": timestamp(words), "stamp_sents": stamp_sents(words),
+               "slice_type": 2, "index": self.index, "start_time": start_ms, "end_time": end_ms}
+        self.index += 1
+        self._started = False
+        return self._out(msg)
+
+    def end(self) -> None:
+        """The client's ``is_speaking: false`` came: what follows until ``ended()`` answers it."""
+        self._ending = not self.per_sentence
+
+    def ended(self, label: str, wav_name: str) -> list[str]:
+        """The answer to the end of audio is complete: its last message, final (runtime)."""
+        held, self._held = self._held, None
+        ending, self._ending = self._ending, False
+        self._started = False
+        if not ending:
+            return []
+        msg = held or {"mode": label, "wav_name": wav_name, "text": "", "is_final": True}
+        return [_dumps({**msg, "is_final": True})]
+
+    def _slice(self) -> dict[str, int]:
+        fields = {"slice_type": 1 if self._started else 0, "index": self.index}
+        self._started = True
+        return fields
+
+    def _out(self, msg: dict[str, Any]) -> list[str]:
+        if not self._ending:
+            return [_dumps(msg)]
+        held, self._held = self._held, msg
+        return [_dumps(held)] if held is not None else []
 
 
 def end_ack(mode: str, wav_name: str, errors: Sequence[str]) -> str:
