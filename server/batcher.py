@@ -90,12 +90,28 @@ _WAIT_WINDOW_S = 5.0
 LOAD_WINDOW_S = 20.0
 # What a second of live stream costs the model on finals is measured over this trailing window.
 COST_WINDOW_S = 60.0
+# A final may wait behind a partial call in flight: admission looks at those of this trailing window.
+_PARTIAL_CALL_WINDOW_S = 20.0
 # Partials' share of the model's time is measured over this trailing window (see _partial_overdue).
 _SHARE_WINDOW_S = 10.0
 # Weight of the newest call in the running estimate of seconds per item.
 _ITEM_COST_ALPHA = 0.2
 # While aged file work is held back by its share, look again this often.
 _FILE_RECHECK_S = 0.25
+
+
+@dataclass(frozen=True)
+class FinalCosts:
+    """What recent final calls cost (``MicroBatcher.final_costs``), for admission's projection."""
+
+    calls: tuple[tuple[int, float], ...]
+    """(items, seconds) of each final call: how a call's time grows with its batch size."""
+    stream_per_final_s: float
+    """Seconds of a session's stream one final accounts for, on average (silence included):
+    each open session sends a final about this often."""
+    partial_call_s: float
+    """90th percentile of recent partial calls' seconds (0 when none ran): a final that arrives
+    while one is in flight waits for it."""
 
 
 @dataclass(eq=False)
@@ -171,9 +187,11 @@ class MicroBatcher:
         self._final_calls: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds)
         self._partial_calls: collections.deque[tuple[float, float]] = collections.deque()
         self._file_calls: collections.deque[tuple[float, float]] = collections.deque()
-        # Final calls as (end, seconds, stream seconds their items account for): see final_cost.
-        self._final_costs: collections.deque[tuple[float, float, float]] = collections.deque()
+        # Final calls as (end, seconds, stream seconds their items account for, items): see
+        # final_cost and final_costs.
+        self._final_costs: collections.deque[tuple[float, float, float, int]] = collections.deque()
         self._final_cost: float | None = None
+        self._last_final_costs: FinalCosts | None = None
         self._started_at = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
@@ -345,10 +363,30 @@ class MicroBatcher:
         with self._cond:
             while self._final_costs and self._final_costs[0][0] < now - COST_WINDOW_S:
                 self._final_costs.popleft()
-            stream = sum(s for _, _, s in self._final_costs)
+            stream = sum(c[2] for c in self._final_costs)
             if stream > 0:
-                self._final_cost = sum(c for _, c, _ in self._final_costs) / stream
+                self._final_cost = sum(c[1] for c in self._final_costs) / stream
             return self._final_cost
+
+    def final_costs(self, now: float | None = None) -> FinalCosts | None:
+        """What recent final calls cost, call by call with their sizes, and how often a session
+        sends a final: what admission projects the model's latency from. Over the final calls of
+        the last `COST_WINDOW_S` (the latest such measure when none was that recent; None before
+        the first final)."""
+        now = time.monotonic() if now is None else now
+        with self._cond:
+            while self._final_costs and self._final_costs[0][0] < now - COST_WINDOW_S:
+                self._final_costs.popleft()
+            items = sum(c[3] for c in self._final_costs)
+            stream = sum(c[2] for c in self._final_costs)
+            if items and stream > 0:
+                partials = sorted(seconds for end, seconds in self._partial_calls if end >= now - _PARTIAL_CALL_WINDOW_S)
+                self._last_final_costs = FinalCosts(
+                    calls=tuple((c[3], c[1]) for c in self._final_costs),
+                    stream_per_final_s=stream / items,
+                    partial_call_s=partials[int(0.9 * (len(partials) - 1))] if partials else 0.0,
+                )
+            return self._last_final_costs
 
     def _busy_share(self, calls: collections.deque[tuple[float, float]], now: float, window: float) -> float:
         """Share of the trailing ``window`` spent in these calls (lock held); trims old ones."""
@@ -634,7 +672,8 @@ class MicroBatcher:
                     busy = {Kind.FINAL: self._final_calls, Kind.PARTIAL: self._partial_calls}.get(kind, self._file_calls)
                     busy.append((end, end - started[0]))
                     if kind is Kind.FINAL:
-                        self._final_costs.append((end, end - started[0], sum(r.stream_s for r in started[1])))
+                        self._final_costs.append(
+                            (end, end - started[0], sum(r.stream_s for r in started[1]), len(started[1])))
                     if kind is not Kind.PARTIAL:  # partials decode greedily: cheaper than what files cost
                         per_item = (end - started[0]) / len(started[1])
                         prev = self._item_s

@@ -37,6 +37,9 @@ from server.vad.endpointer import Endpointer, EndpointerSettings, SegmentEnded, 
 
 log = logging.getLogger(__name__)
 
+# Silence within a segment shorter than this is a pause between words, not a possible end.
+_PAUSE_MS = 200
+
 
 class SessionOutput(Protocol):
     """What a protocol adapter must implement to receive a session's results."""
@@ -185,6 +188,11 @@ class Session:
             self._drain_finals()
 
     @property
+    def pending_finals(self) -> int:
+        """Segments cut whose finals are not delivered yet (0 once closed: they were dropped)."""
+        return len(self._finals)
+
+    @property
     def held_back(self) -> bool:
         """True when ``backpressure()`` would wait."""
         return len(self._finals) >= self.config.server.max_pending_finals and not self._closed
@@ -258,6 +266,12 @@ class Session:
         if now_ms - self._last_partial_request_ms < self.partial_interval_ms:
             return
         if self._partials_wanted is not None and not self._partials_wanted():
+            return
+        silent = self.endpointer.trailing_silence_ms
+        if silent >= _PAUSE_MS and self.endpointer.settings.endpoint_ms - silent <= self.partial_interval_ms:
+            # The speaker has paused, and if the pause goes on the segment's final comes before the
+            # next partial would be due: a partial now would only show what the final is about to,
+            # and the final would wait for it in the model (on a CPU, about a call's time).
             return
         seg = self.endpointer.open_segment()
         if seg is None:

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from server.runners.base import ItemOptions, ItemResult, ModelRunner
+from server.runners.base import ItemOptions, ItemResult, ModelRunner, Transcript
 
 
 class OutOfMemoryError(RuntimeError):
@@ -65,3 +65,25 @@ class FaultyRunner(ModelRunner):
         if self.oom_over is not None and len(audios) > self.oom_over:
             raise OutOfMemoryError(f"injected: batch of {len(audios)} > {self.oom_over}")
         return self.inner.transcribe(audios, options)
+
+
+class BatchCostRunner(ModelRunner):
+    """A model whose call of k items takes ``base_s + per_item_s * k`` seconds and writes a
+    fixed text: a known batch-cost curve, for tests of what admission measures and projects."""
+
+    name = "batch-cost"
+
+    def __init__(self, base_s: float, per_item_s: float, text: str = "hello there") -> None:
+        from server.config import RunnerConfig
+
+        super().__init__(RunnerConfig())
+        self.base_s, self.per_item_s, self.text = base_s, per_item_s, text
+        self.batch_sizes: list[int] = []
+
+    def load(self) -> None:
+        pass
+
+    def transcribe(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[ItemResult]:
+        self.batch_sizes.append(len(audios))
+        time.sleep(self.base_s + self.per_item_s * len(audios))
+        return [Transcript(text=self.text, language="en") for _ in audios]

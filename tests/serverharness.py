@@ -37,14 +37,20 @@ def read_clip(path: Path) -> np.ndarray:
         return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
 
 
-def make_config(**overrides: Any) -> Config:
-    """Defaults from configs/default.yaml with a free port and the given dotted overrides."""
+# Every capacity-aware trigger off (the fixed session limits stay).
+ADMISSION_OFF = {"server.admission_max_final_wait_s": "0", "server.admission_max_model_load": "0",
+                 "server.admission_target_final_s": "0"}
+
+
+def make_config(shipped_admission: bool = False, **overrides: Any) -> Config:
+    """Defaults from configs/default.yaml with a free port and the given dotted overrides;
+    capacity-aware admission as shipped only with ``shipped_admission``."""
     # Capacity-aware admission off unless a test turns it on: tests stream many sessions faster
     # than real time on a shared 2-core machine, and one test's backlog must not refuse the next
     # test's clients (tests/test_reliability.py tests admission itself).
     # The FunASR listener is off unless a test asks for it: its fixed default port (10095) would
     # collide between servers (tests/test_funasr.py gives it a free port).
-    sets = {"server.port": "0", "funasr.port": "0", "server.admission_max_final_wait_s": "0", "server.admission_max_model_load": "0",
+    sets = {"server.port": "0", "funasr.port": "0", **({} if shipped_admission else ADMISSION_OFF),
             **{k: str(v) for k, v in overrides.items()}}
     return load_config(Path(__file__).parent.parent / "configs" / "default.yaml", sets)
 

@@ -201,6 +201,12 @@ class Endpointer:
         self._flushed = True
         return events
 
+    @property
+    def trailing_silence_ms(self) -> int:
+        """How long the open segment has been silent (0 without one, or while speech goes on)."""
+        seg = self._segment
+        return 0 if seg is None else seg.silent_frames * self.settings.frame_ms
+
     def open_segment(self) -> tuple[int, int, np.ndarray] | None:
         """(segment_id, start_ms, audio so far) of the confirmed open segment, else None.
 
