@@ -63,4 +63,31 @@ else
     echo "setup: *** WARNING: chromium is not installed and setup cannot install it ($why): tests/test_browser.py (the captioning page) will be SKIPPED; install Chromium (Debian: sudo apt-get install chromium) or set CHORUS_CHROMIUM to its binary ***" >&2
 fi
 
+# The fleet tests (docs/deploy.md): tests/test_haproxy.py runs Debian's haproxy in front of two
+# servers; tests/test_deploy.py renders the Kubernetes overlays with kubectl (kustomize built in)
+# and schema-checks them offline with kubernetes-validate (PyPI). Setup never fails over them:
+# without one, the tests that need it are skipped, loudly.
+HAPROXY=$(command -v haproxy || { [ -x /usr/sbin/haproxy ] && echo /usr/sbin/haproxy; } || true)
+if [ -n "$HAPROXY" ]; then
+    echo "setup: load-balancing test uses $HAPROXY"
+elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's haproxy for the load-balancing test (tests/test_haproxy.py)"
+    if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends haproxy; }; then
+        echo "setup: *** WARNING: apt-get could not install haproxy: tests/test_haproxy.py (the fleet behind a balancer) will be SKIPPED ***" >&2
+    fi
+else
+    why="not running as root"
+    command -v apt-get >/dev/null 2>&1 || why="no apt-get on this system"
+    echo "setup: *** WARNING: haproxy is not installed and setup cannot install it ($why): tests/test_haproxy.py will be SKIPPED; install it (Debian: sudo apt-get install haproxy) ***" >&2
+fi
+if ! command -v kubectl >/dev/null 2>&1; then
+    # Debian has no kubectl package; it comes from the Kubernetes project's own apt repository.
+    echo "setup: *** WARNING: kubectl is not installed: the Kubernetes checks of tests/test_deploy.py will be SKIPPED; install it from https://kubernetes.io/docs/tasks/tools/ ***" >&2
+fi
+if ! "$VPY" -c 'import kubernetes_validate' 2>/dev/null; then
+    echo "setup: installing kubernetes-validate (offline schema check of deploy/kubernetes)"
+    "$VPY" -m pip install -q "kubernetes-validate>=1.30" || \
+        echo "setup: *** WARNING: could not install kubernetes-validate: the schema check in tests/test_deploy.py will be SKIPPED ***" >&2
+fi
+
 echo "setup: ready ($("$VPY" -c 'import torch, funasr; print("torch", torch.__version__, "funasr", funasr.__version__)' 2>/dev/null | tail -1))"
