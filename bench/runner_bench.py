@@ -7,6 +7,8 @@ Figures are measured side by side in one run; nothing here is an assertion.
     python bench/runner_bench.py --runner whisper --batches 1,8 --decodings final,greedy-final,partial --out docs/benchmarks.md
     # SenseVoiceSmall, full-size RANDOM weights (compute does not depend on weight values)
     python bench/runner_bench.py --runner sensevoice --sensevoice-random full --batches 1,8 --seconds 5
+    # Paraformer-large (paraformer-zh), full-size RANDOM weights, beside funasr's generate
+    python bench/runner_bench.py --runner paraformer --paraformer-random full --batches 1,8,32 --seconds 5 --funasr-baseline
     # GPU: graphs and half precision side by side, plus what users run today (funasr)
     python bench/runner_bench.py --runner sensevoice --sensevoice-random full --device cuda \
         --variants eager-fp32,graphs-fp32,graphs-fp16 --batches 1,4,16,32 --funasr-baseline
@@ -81,9 +83,10 @@ def stage_text(stages: dict[str, float]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runner", choices=["whisper", "sensevoice"], default="whisper")
-    p.add_argument("--model", help="model dir (sensevoice) or CT2 dir (whisper); default embedded")
+    p.add_argument("--runner", choices=["whisper", "sensevoice", "paraformer"], default="whisper")
+    p.add_argument("--model", help="model dir (sensevoice, paraformer) or CT2 dir (whisper); default embedded")
     p.add_argument("--sensevoice-random", choices=["tiny", "full"], help="generate a random-weight SenseVoiceSmall dir")
+    p.add_argument("--paraformer-random", choices=["tiny", "full"], help="generate a random-weight Paraformer dir")
     p.add_argument("--device", default="cpu")
     p.add_argument("--variants", default="eager-fp32", help="comma list of {eager,graphs}-{fp32,fp16,bf16}")
     p.add_argument("--batches", default="1,8")
@@ -92,7 +95,7 @@ def main() -> int:
     p.add_argument("--decodings", default="final",
                    help="whisper, comma list: final (the configured beam search + fallback, with word timings), "
                         "greedy-final (beam 1, with word timings), partial (greedy, no word timings)")
-    p.add_argument("--funasr-baseline", action="store_true", help="also time funasr AutoModel.generate (sensevoice)")
+    p.add_argument("--funasr-baseline", action="store_true", help="also time funasr AutoModel.generate (sensevoice, paraformer)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     import torch
@@ -111,6 +114,16 @@ def main() -> int:
             random_note = f"SenseVoiceSmall weights are RANDOM ({args.sensevoice_random} size): compute does not depend on weight values, accuracy is meaningless."
         elif not args.model:
             p.error("sensevoice needs --model DIR or --sensevoice-random")
+    if args.runner == "paraformer":
+        if args.paraformer_random:
+            from server.runners.random_weights import write_paraformer_dir
+
+            tmp = tempfile.TemporaryDirectory()
+            model = str(write_paraformer_dir(Path(tmp.name) / "paraformer-large", scale=args.paraformer_random))
+            random_note = (f"Paraformer weights are RANDOM ({args.paraformer_random} size): compute does not depend on "
+                           "weight values except through the token count (set near speech's ~4 tokens/s), accuracy is meaningless.")
+        elif not args.model:
+            p.error("paraformer needs --model DIR or --paraformer-random")
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     decodings = args.decodings.split(",") if args.runner == "whisper" else ["final"]
@@ -122,6 +135,8 @@ def main() -> int:
             cfg = RunnerConfig(name=args.runner, model=model, device=args.device, dtype=dtype, whisper=whisper,
                                graphs=GraphConfig(enabled=(mode == "graphs"), batch_buckets=tuple(sorted({1, 2, 4, 8, 16, 32, *batches}))))
             options = ItemOptions("en", partial=True, words=False) if decoding == "partial" else ItemOptions("en")
+            if args.runner == "paraformer":
+                options = ItemOptions("auto")
             label = f"chorus {variant}" + (f" {decoding}" if args.runner == "whisper" else "")
             if decoding != "partial" and args.runner == "whisper":
                 label += f" (beam {whisper.beam_size}, words)"
@@ -135,17 +150,20 @@ def main() -> int:
                 rows.append((label, b, med, cpu, b * args.seconds, stage_text(launched.stages)))
                 print(f"{label} batch {b}: {med * 1000:.1f} ms, RTFx {b * args.seconds / med:.1f}", flush=True)
             runner.close()
-    if args.funasr_baseline and args.runner == "sensevoice":
+    if args.funasr_baseline and args.runner in ("sensevoice", "paraformer"):
         from funasr import AutoModel
 
         # funasr's AutoModel sets torch's thread count itself (ncpu, default 4): give it ours.
         am = AutoModel(model=model, device=args.device, disable_update=True, ncpu=threads)
+        kw = {"language": "en", "use_itn": False} if args.runner == "sensevoice" else {"output_timestamp": True}
         for b in batches:
             items = speech(args.seconds, b)
-            med, cpu = timed(lambda: [am.generate(input=x, language="en", use_itn=False) for x in items], sync, args.repeats)
+            med, cpu = timed(lambda: [am.generate(input=x, **kw) for x in items], sync, args.repeats)
             rows.append(("funasr generate, one request at a time", b, med, cpu, b * args.seconds, "-"))
-            med, cpu = timed(lambda: am.generate(input=items, language="en", use_itn=False, batch_size_s=b * args.seconds + 1), sync, args.repeats)
-            rows.append(("funasr generate, own batching (batch_size_s)", b, med, cpu, b * args.seconds, "-"))
+            # Without a VAD model funasr batches by batch_size (batch_size_s applies to VAD segments).
+            own = {"batch_size": b} if args.runner == "paraformer" else {"batch_size_s": b * args.seconds + 1}
+            med, cpu = timed(lambda: am.generate(input=items, **own, **kw), sync, args.repeats)
+            rows.append((f"funasr generate, own batching ({next(iter(own))})", b, med, cpu, b * args.seconds, "-"))
             print(f"funasr batch {b} done", flush=True)
     lines = [f"### runner_bench {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC — {args.runner} on {args.device}", "",
              f"- machine: {machine(args.device, threads)}", f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",

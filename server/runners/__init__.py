@@ -14,6 +14,8 @@ from server.runners.base import ItemError, ItemOptions, ModelRunner, RunnerError
 _REGISTRY = {
     "whisper": "server.runners.whisper:WhisperRunner",
     "sensevoice": "server.runners.sensevoice:SenseVoiceRunner",
+    "qwen3-asr": "server.runners.qwen3asr:Qwen3AsrRunner",
+    "paraformer": "server.runners.paraformer:ParaformerRunner",
 }
 
 

@@ -222,3 +222,141 @@ def write_sensevoice_dir(
     n_params = sum(p.numel() for p in model.parameters())
     log.info("wrote random-weight SenseVoiceSmall (%s, %.1f M params) to %s", scale, n_params / 1e6, out)
     return out
+
+
+# ---------------------------------------------------------------------------- Paraformer
+
+# Sizes of the released Paraformer-large (paraformer-zh, vocab 8404, ~220 M parameters) and a
+# small stand-in for tests.
+_PARAFORMER_SCALES: dict[str, dict[str, Any]] = {
+    "full": {
+        "vocab_size": 8404,
+        "encoder_conf": {"output_size": 512, "attention_heads": 4, "linear_units": 2048, "num_blocks": 50},
+        "decoder_conf": {"attention_heads": 4, "linear_units": 2048, "num_blocks": 16, "att_layer_num": 16},
+    },
+    "tiny": {
+        "vocab_size": 400,
+        "encoder_conf": {"output_size": 64, "attention_heads": 4, "linear_units": 128, "num_blocks": 3},
+        "decoder_conf": {"attention_heads": 4, "linear_units": 128, "num_blocks": 2, "att_layer_num": 2},
+    },
+}
+
+
+def _paraformer_config(scale: str) -> dict[str, Any]:
+    sizes = _PARAFORMER_SCALES[scale]
+    width = sizes["encoder_conf"]["output_size"]
+    # Mirrors the released paraformer-large config.yaml (model Paraformer, SANM encoder, SANM
+    # decoder, CifPredictorV2 with a 0.45 tail), except `dither: 0.0`: funasr's WavFrontend
+    # dithers by default, which would make its reference output random from run to run.
+    return {
+        "model": "Paraformer",
+        "model_conf": {"ctc_weight": 0.0, "lsm_weight": 0.1, "length_normalized_loss": True,
+                       "predictor_weight": 1.0, "predictor_bias": 1, "sampling_ratio": 0.75},
+        "encoder": "SANMEncoder",
+        "encoder_conf": {
+            **sizes["encoder_conf"],
+            "dropout_rate": 0.1, "positional_dropout_rate": 0.1, "attention_dropout_rate": 0.1,
+            "input_layer": "pe", "pos_enc_class": "SinusoidalPositionEncoder", "normalize_before": True,
+            "kernel_size": 11, "sanm_shfit": 0, "selfattention_layer_type": "sanm",
+        },
+        "decoder": "ParaformerSANMDecoder",
+        "decoder_conf": {
+            **sizes["decoder_conf"],
+            "dropout_rate": 0.1, "positional_dropout_rate": 0.1, "self_attention_dropout_rate": 0.1,
+            "src_attention_dropout_rate": 0.1, "kernel_size": 11, "sanm_shfit": 0,
+        },
+        "predictor": "CifPredictorV2",
+        "predictor_conf": {"idim": width, "threshold": 1.0, "l_order": 1, "r_order": 1, "tail_threshold": 0.45},
+        "frontend": "WavFrontend",
+        "frontend_conf": {"fs": 16000, "window": "hamming", "n_mels": 80, "frame_length": 25,
+                          "frame_shift": 10, "lfr_m": 7, "lfr_n": 6, "dither": 0.0},
+        "specaug": "SpecAugLFR",
+        "specaug_conf": {"apply_time_warp": False, "time_warp_window": 5, "time_warp_mode": "bicubic",
+                         "apply_freq_mask": True, "freq_mask_width_range": [0, 30], "lfr_rate": 6,
+                         "num_freq_mask": 1, "apply_time_mask": True, "time_mask_width_range": [0, 12],
+                         "num_time_mask": 1},
+        "tokenizer": "CharTokenizer",
+        "tokenizer_conf": {"unk_symbol": "<unk>", "split_with_space": True},
+        "ctc_conf": {"dropout_rate": 0.0, "ctc_type": "builtin", "reduce": True, "ignore_nan_grad": True},
+        "normalize": None,
+    }
+
+
+def _paraformer_tokens(vocab_size: int, rng: random.Random) -> list[str]:
+    """A vocabulary in paraformer-zh's tokens.json layout: <blank>, <s>, </s>, then CJK
+    characters, English words and "@@" subword pieces (so funasr's mixed-script text rules are
+    exercised), and <unk> last."""
+    words = sorted(set(_WORDS))
+    english = [w for w in words[: max(0, (vocab_size - 4) // 8)]]
+    subwords = [w[:2] + "@@" for w in english if len(w) > 2][: max(0, (vocab_size - 4) // 16)]
+    body = english + sorted(set(subwords))
+    cjk_needed = vocab_size - 4 - len(body)
+    cjk = [chr(0x4E00 + i) for i in range(cjk_needed)]
+    mixed = cjk + body
+    rng.shuffle(mixed)
+    tokens = ["<blank>", "<s>", "</s>", *mixed, "<unk>"]
+    if len(tokens) != vocab_size:
+        raise RuntimeError(f"built {len(tokens)} tokens, wanted {vocab_size}")
+    return tokens
+
+
+def write_paraformer_dir(
+    path: str | Path, scale: Literal["tiny", "full"] = "tiny", seed: int = 0
+) -> Path:
+    """Write a Paraformer (paraformer-zh layout) directory with random weights; returns the path.
+
+    Files as a downloaded paraformer-large directory has them: config.yaml, model.pt, am.mvn,
+    tokens.json, seg_dict, configuration.json. "tiny": a 3-block, 64-wide encoder, a 2-block
+    decoder and 400 tokens, for fast tests. "full": the released architecture (50 encoder
+    blocks, 16 decoder blocks, width 512, vocab 8404; model.pt ~0.9 GB) for compute
+    benchmarks. Weights are random: outputs are meaningless.
+    """
+    if scale not in _PARAFORMER_SCALES:
+        raise ValueError(f"scale must be one of {sorted(_PARAFORMER_SCALES)}, got {scale!r}")
+    import torch
+    import funasr.models.paraformer.model  # noqa: F401 - registers Paraformer and its parts
+    from funasr.register import tables
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _paraformer_config(scale)
+    vocab_size = _PARAFORMER_SCALES[scale]["vocab_size"]
+    tokens = _paraformer_tokens(vocab_size, random.Random(seed))
+    (out / "tokens.json").write_text(json.dumps(tokens, ensure_ascii=False, indent=0), encoding="utf-8")
+    # seg_dict maps words to their pieces (funasr uses it to tokenise hotwords and training text).
+    seg = [f"{t} {t}" for t in tokens[3:-1] if not t.endswith("@@")]
+    (out / "seg_dict").write_text("\n".join(seg) + "\n", encoding="utf-8")
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    (out / "am.mvn").write_text(cmvn_text(560, seed), encoding="utf-8")
+    (out / "configuration.json").write_text(json.dumps({
+        "framework": "pytorch",
+        "task": "auto-speech-recognition",
+        "model": {"type": "funasr"},
+        "pipeline": {"type": "funasr-pipeline"},
+        "model_name_in_hub": {"ms": "iic/speech_paraformer-large_asr_nat-zh-cn-16k-common-vocab8404-pytorch"},
+        "file_path_metas": {
+            "init_param": "model.pt",
+            "config": "config.yaml",
+            "tokenizer_conf": {"token_list": "tokens.json", "seg_dict_file": "seg_dict"},
+            "frontend_conf": {"cmvn_file": "am.mvn"},
+        },
+        "chorus_note": "random weights written by server.runners.random_weights; outputs are meaningless",
+    }, indent=2), encoding="utf-8")
+
+    torch.manual_seed(seed)
+    model_class = tables.model_classes.get(config["model"])
+    model = model_class(
+        encoder=config["encoder"], encoder_conf=config["encoder_conf"],
+        decoder=config["decoder"], decoder_conf=config["decoder_conf"],
+        predictor=config["predictor"], predictor_conf=config["predictor_conf"],
+        ctc_conf=config["ctc_conf"], input_size=560, vocab_size=vocab_size, **config["model_conf"],
+    )
+    # Random init gives CIF weights (alphas) near 0.5 everywhere: a token every two frames
+    # (120 ms), far denser than speech. A bias shift brings it near the real ~4 tokens per
+    # second so that token counts, timestamps and decoder shapes look like a real model's.
+    with torch.no_grad():
+        model.predictor.cif_output.bias.fill_(-1.0)
+    torch.save(model.state_dict(), out / "model.pt")
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("wrote random-weight Paraformer (%s, %.1f M params) to %s", scale, n_params / 1e6, out)
+    return out
