@@ -90,4 +90,15 @@ if ! "$VPY" -c 'import kubernetes_validate' 2>/dev/null; then
         echo "setup: *** WARNING: could not install kubernetes-validate: the schema check in tests/test_deploy.py will be SKIPPED ***" >&2
 fi
 
+# Qwen3-ASR's reference implementation (tests/test_qwen3asr_runner.py compares Chorus's runner
+# with it): qwen-asr's transformers model classes need transformers 4.57, the server has 5, so it
+# goes into a directory of its own, without qwen-asr's unrelated dependencies, and runs there.
+QWEN_REF="$VENV/qwen-asr-ref"
+if [ ! -d "$QWEN_REF/qwen_asr" ]; then
+    echo "setup: installing the qwen-asr reference into $QWEN_REF (for the Qwen3-ASR equality tests)"
+    "$VPY" -m pip install -q --no-deps --target "$QWEN_REF" transformers==4.57.6 huggingface_hub==0.36.2 \
+        tokenizers==0.22.2 qwen-asr==0.0.6 || \
+        echo "setup: *** WARNING: could not install the qwen-asr reference: its equality tests in tests/test_qwen3asr_runner.py will be SKIPPED ***" >&2
+fi
+
 echo "setup: ready ($("$VPY" -c 'import torch, funasr; print("torch", torch.__version__, "funasr", funasr.__version__)' 2>/dev/null | tail -1))"
