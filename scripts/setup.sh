@@ -80,6 +80,21 @@ else
     command -v apt-get >/dev/null 2>&1 || why="no apt-get on this system"
     echo "setup: *** WARNING: haproxy is not installed and setup cannot install it ($why): tests/test_haproxy.py will be SKIPPED; install it (Debian: sudo apt-get install haproxy) ***" >&2
 fi
+# tests/test_redis_calls.py (call events across replicas) starts Debian's redis-server itself,
+# on a free loopback port with no persistence; the package's own service is not needed.
+REDIS_SERVER=$(command -v redis-server || { [ -x /usr/bin/redis-server ] && echo /usr/bin/redis-server; } || true)
+if [ -n "$REDIS_SERVER" ]; then
+    echo "setup: call-events test uses $REDIS_SERVER"
+elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's redis-server for the call-events test (tests/test_redis_calls.py)"
+    if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server; }; then
+        echo "setup: *** WARNING: apt-get could not install redis-server: tests/test_redis_calls.py (call events across replicas) will be SKIPPED ***" >&2
+    fi
+else
+    why="not running as root"
+    command -v apt-get >/dev/null 2>&1 || why="no apt-get on this system"
+    echo "setup: *** WARNING: redis-server is not installed and setup cannot install it ($why): tests/test_redis_calls.py will be SKIPPED; install it (Debian: sudo apt-get install redis-server) ***" >&2
+fi
 if ! command -v kubectl >/dev/null 2>&1; then
     # Debian has no kubectl package; it comes from the Kubernetes project's own apt repository.
     echo "setup: *** WARNING: kubectl is not installed: the Kubernetes checks of tests/test_deploy.py will be SKIPPED; install it from https://kubernetes.io/docs/tasks/tools/ ***" >&2

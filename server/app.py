@@ -21,7 +21,7 @@ from websockets.asyncio.server import Server, serve
 from server import __version__, incidents
 from server.admission import Admission, Refusal
 from server.batcher import MicroBatcher
-from server.calls.hub import CallHub
+from server.calls.redis_hub import create_hub
 from server.config import Config, ConfigError
 from server.metrics import Metrics
 from server.runners import ModelRunner, create_runner
@@ -53,7 +53,8 @@ class ChorusServer:
         # Read at each scrape: the autoscaler's signal (docs/deploy.md) is never a second stale.
         self.metrics.load_ratio.set_function(self.load_ratio)
         self.access = AccessPolicy.from_config(config.server, os.environ)
-        self.calls = CallHub(config, self.metrics, _webhook(config, self.metrics))
+        # In-process, or mirrored to Redis for subscribers on other replicas (`calls.redis_url`).
+        self.calls = create_hub(config, self.metrics, _webhook(config, self.metrics))
         # Twilio's handshakes are checked by their X-Twilio-Signature when this is set.
         self.twilio_auth_token = twilio_transport.load_auth_token(config, os.environ) if config.twilio.enabled else None
         proxied = twilio_transport.public_url_warning(config, self.twilio_auth_token)
@@ -165,6 +166,7 @@ class ChorusServer:
     async def start(self, wait_ready: bool = True) -> None:
         cfg = self.config.server
         tls = ssl_context(cfg)
+        await self.calls.start()  # with `calls.redis_url`: Redis must answer, or the server does not start
         self._server = await serve(
             self._route,
             cfg.host,

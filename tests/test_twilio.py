@@ -259,9 +259,10 @@ def test_twilio_signature_behind_a_proxy(whisper_runner, monkeypatch):
 
 
 def test_a_call_is_one_session_and_subscribers_have_their_own_limit(whisper_runner):
-    """A two-track Twilio stream takes one session slot (a second stream is refused with 503 at
-    `server.max_sessions` 1); subscriptions take none, and are bounded by `calls.max_subscribers`."""
-    with ServerThread(make_config(**{"server.max_sessions": "1", "calls.max_subscribers": "1"}), whisper_runner) as s:
+    """A two-track Twilio stream runs two sessions for the model and is charged two (a second
+    stream is refused with 503 at `server.max_sessions` 2); subscriptions take none, and are
+    bounded by `calls.max_subscribers`."""
+    with ServerThread(make_config(**{"server.max_sessions": "2", "calls.max_subscribers": "1"}), whisper_runner) as s:
         base = f"ws://127.0.0.1:{s.app.port}"
 
         async def status(path: str) -> int:
@@ -275,13 +276,15 @@ def test_a_call_is_one_session_and_subscribers_have_their_own_limit(whisper_runn
             call = asyncio.create_task(twilio_call(base + "/v1/twilio", "CA" + "9" * 32,
                                                    {"inbound": at_8k(SHORT)[:16000], "outbound": at_8k(SHORT)[:16000]}))
             await asyncio.sleep(0.5)
+            charged = s.app.admission.charged
             refused = await status("/v1/twilio")
-            async with connect(base + "/v1/calls?call_id=*"):  # while the only session slot is taken
+            async with connect(base + "/v1/calls?call_id=*"):  # while both session slots are taken
                 second_sub = await status("/v1/calls?call_id=*")
             await call
-            return refused, second_sub, await status("/v1/twilio")
+            return charged, refused, second_sub, await status("/v1/twilio")
 
-        refused, second_sub, later = asyncio.run(main())
+        charged, refused, second_sub, later = asyncio.run(main())
+    assert charged == 2
     assert refused == 503 and second_sub == 503
     assert later == 101  # the slot came back when the call ended
 

@@ -347,7 +347,10 @@ class CallHub:
             self._count -= 1
             self.metrics.call_subscribers.set(self._count)
 
-    # ------------------------------------------------------------------ shutdown
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Nothing to start in one process (the Redis hub connects here)."""
+
     async def close(self, timeout: float) -> None:
         """After every bridge has drained: end the subscriptions (each gets what is queued
         first), and give the webhook until ``timeout`` to deliver what it holds."""

@@ -72,6 +72,7 @@ async def handle(app: "ChorusServer", ws: ServerConnection) -> None:
     app.subscriptions.add(finished)
     tasks: list[asyncio.Task] = []
     try:
+        await sub.ready()  # a call on another replica: its history comes from Redis first
         subscribed: dict = {"type": "subscribed", "call_id": call_id}
         if sub.history_dropped:
             # Events of this call that its bounded history no longer holds (their `seq`s are missing).
