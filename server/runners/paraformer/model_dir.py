@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from server.runners.base import RunnerError
+from server.runners.sensevoice.model_dir import read_funasr_config
 
 SUPPORTED_MODELS = ("Paraformer",)
 """funasr model classes this runner serves: the plain CIF Paraformer (paraformer-zh's
@@ -44,20 +43,8 @@ class ParaformerFiles:
     @classmethod
     def from_dir(cls, root: Path) -> "ParaformerFiles":
         """Locate the files the way funasr does (configuration.json's file_path_metas first)."""
-        metas: dict[str, Any] = {}
-        cj = root / "configuration.json"
-        if cj.is_file():
-            try:
-                metas = json.loads(cj.read_text(encoding="utf-8")).get("file_path_metas", {}) or {}
-            except (OSError, ValueError) as e:
-                raise RunnerError(f"{cj} is not valid JSON ({e}); re-download the model directory") from None
-        config_path = root / str(metas.get("config", "config.yaml"))
-        if not config_path.is_file():
-            raise RunnerError(f"{root} has no {config_path.name}: not a complete Paraformer model directory; {_DOWNLOAD_ADVICE}")
-        try:
-            config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
-            raise RunnerError(f"{config_path} is not readable YAML: {e}") from None
+        metas, config_path, config = read_funasr_config(
+            root, f"not a complete Paraformer model directory; {_DOWNLOAD_ADVICE}")
         found = config.get("model") if isinstance(config, dict) else None
         if found not in SUPPORTED_MODELS:
             raise RunnerError(

@@ -27,6 +27,27 @@ HUB_PROBE_TIMEOUT_S = 3.0
 OFFLINE_ENV = "CHORUS_OFFLINE"
 
 
+def read_funasr_config(root: Path, missing_advice: str) -> tuple[dict[str, Any], Path, Any]:
+    """``(file_path_metas, config path, parsed config.yaml)`` of a funasr model directory, found
+    the way funasr finds them (configuration.json's file_path_metas first); ``missing_advice``
+    follows "<root> has no config.yaml:" when it is absent."""
+    metas: dict[str, Any] = {}
+    cj = root / "configuration.json"
+    if cj.is_file():
+        try:
+            metas = json.loads(cj.read_text(encoding="utf-8")).get("file_path_metas", {}) or {}
+        except (OSError, ValueError) as e:
+            raise RunnerError(f"{cj} is not valid JSON ({e}); re-download the model directory") from None
+    config_path = root / str(metas.get("config", "config.yaml"))
+    if not config_path.is_file():
+        raise RunnerError(f"{root} has no {config_path.name}: {missing_advice}")
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise RunnerError(f"{config_path} is not readable YAML: {e}") from None
+    return metas, config_path, config
+
+
 @dataclass(frozen=True)
 class ModelFiles:
     """The files of one SenseVoice model directory, all known to exist."""
@@ -40,23 +61,9 @@ class ModelFiles:
     @classmethod
     def from_dir(cls, root: Path) -> "ModelFiles":
         """Locate the files the way funasr does (configuration.json's file_path_metas first)."""
-        metas: dict[str, Any] = {}
-        cj = root / "configuration.json"
-        if cj.is_file():
-            try:
-                metas = json.loads(cj.read_text(encoding="utf-8")).get("file_path_metas", {}) or {}
-            except (OSError, ValueError) as e:
-                raise RunnerError(f"{cj} is not valid JSON ({e}); re-download the model directory") from None
-        config_path = root / str(metas.get("config", "config.yaml"))
-        if not config_path.is_file():
-            raise RunnerError(
-                f"{root} has no {config_path.name}: not a complete SenseVoice model directory; "
-                "download iic/SenseVoiceSmall (config.yaml, model.pt, am.mvn, *.bpe.model) and point runner.model at it"
-            )
-        try:
-            config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
-            raise RunnerError(f"{config_path} is not readable YAML: {e}") from None
+        metas, config_path, config = read_funasr_config(
+            root, "not a complete SenseVoice model directory; download iic/SenseVoiceSmall (config.yaml, "
+            "model.pt, am.mvn, *.bpe.model) and point runner.model at it")
         if not isinstance(config, dict) or config.get("model") != "SenseVoiceSmall":
             found = config.get("model") if isinstance(config, dict) else None
             raise RunnerError(f"{config_path}: model is {found!r}, the sensevoice runner needs SenseVoiceSmall")
