@@ -190,7 +190,6 @@ class MicroBatcher:
         # Final calls as (end, seconds, stream seconds their items account for, items): see
         # final_cost and final_costs.
         self._final_costs: collections.deque[tuple[float, float, float, int]] = collections.deque()
-        self._final_cost: float | None = None
         self._last_final_costs: FinalCosts | None = None
         self._started_at = time.monotonic()
 
@@ -354,19 +353,14 @@ class MicroBatcher:
 
     def final_cost(self, now: float | None = None) -> float | None:
         """Model seconds spent on finals per second of live stream they account for, over the
-        final calls of the last `COST_WINDOW_S` (the latest measure when none was that recent;
-        None before the first final). Each final is matched to the stream time since its
-        session's previous final, so a session is measured from its first final on, silence and
-        batching included (a batch of finals costs one call for all of their streams). Admission
-        control charges every open session this much of the model per second."""
-        now = time.monotonic() if now is None else now
-        with self._cond:
-            while self._final_costs and self._final_costs[0][0] < now - COST_WINDOW_S:
-                self._final_costs.popleft()
-            stream = sum(c[2] for c in self._final_costs)
-            if stream > 0:
-                self._final_cost = sum(c[1] for c in self._final_costs) / stream
-            return self._final_cost
+        same final calls as `final_costs` (None before the first final): the
+        `chorus_model_final_cost` gauge. Each final is matched to the stream time since its
+        session's previous final, so silence and batching are in it."""
+        costs = self.final_costs(now)
+        if costs is None:
+            return None
+        items = sum(k for k, _ in costs.calls)
+        return sum(t for _, t in costs.calls) / (costs.stream_per_final_s * items)
 
     def final_costs(self, now: float | None = None) -> FinalCosts | None:
         """What recent final calls cost, call by call with their sizes, and how often a session

@@ -91,7 +91,7 @@ class Metrics:
         )
         self.final_cost = Gauge(
             "chorus_model_final_cost", "Model seconds spent on finals per second of live stream, over the last "
-            "60 s of finals (capacity-aware admission charges every open session this; 0 before the first final).",
+            "60 s of finals (0 before the first final); capacity-aware admission projects from the same calls.",
             registry=r,
         )
         self.projected_final = Gauge(
