@@ -41,7 +41,7 @@ else
 fi
 
 # Editable, so the tests and the server run the checkout's code.
-if ! "$VPY" -c 'import server, pytest, funasr, webrtcvad, playwright, openai' 2>/dev/null || [ pyproject.toml -nt "$VENV/.chorus-installed" ]; then
+if ! "$VPY" -c 'import server, pytest, xdist, funasr, webrtcvad, playwright, openai' 2>/dev/null || [ pyproject.toml -nt "$VENV/.chorus-installed" ]; then
     echo "setup: installing chorus and its dependencies (first time: a few minutes)"
     "$VPY" -m pip install -q -e ".[test]"
     touch "$VENV/.chorus-installed"

@@ -167,23 +167,26 @@ class ChorusServer:
         cfg = self.config.server
         tls = ssl_context(cfg)
         await self.calls.start()  # with `calls.redis_url`: Redis must answer, or the server does not start
-        self._server = await serve(
-            self._route,
-            cfg.host,
-            cfg.port,
-            process_request=make_process_request(self),
-            ssl=tls,
-            # Oversize audio gets a structured error from the adapter; only far larger frames are cut by 1009.
-            max_size=4 * cfg.max_message_bytes,
-            # websockets counts received frames, not bytes: with max_size this bounds what a client
-            # can make the server buffer while it is not reading (see `max_received_frames`).
-            max_queue=cfg.max_received_frames,  # resumes reading at a quarter of it
-            # The adapter runs its own keepalive: websockets' would close a connection whose pong
-            # is unread only because the server is holding that client back (backpressure).
-            ping_interval=None,
-            ping_timeout=None,
-            compression=None,  # audio does not compress; deflate would only cost CPU
-        )
+        try:
+            self._server = await serve(
+                self._route,
+                cfg.host,
+                cfg.port,
+                process_request=make_process_request(self),
+                ssl=tls,
+                # Oversize audio gets a structured error from the adapter; only far larger frames are cut by 1009.
+                max_size=4 * cfg.max_message_bytes,
+                # websockets counts received frames, not bytes: with max_size this bounds what a client
+                # can make the server buffer while it is not reading (see `max_received_frames`).
+                max_queue=cfg.max_received_frames,  # resumes reading at a quarter of it
+                # The adapter runs its own keepalive: websockets' would close a connection whose pong
+                # is unread only because the server is holding that client back (backpressure).
+                ping_interval=None,
+                ping_timeout=None,
+                compression=None,  # audio does not compress; deflate would only cost CPU
+            )
+        except OSError as exc:
+            raise self._cannot_listen("WebSocket listener", cfg.port, exc, "choose another with --port N") from exc
         log.info("listening on %s://%s:%d/v1/stream", "wss" if tls else "ws", cfg.host, self.port)
         if self.config.funasr.port:
             try:

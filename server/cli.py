@@ -14,6 +14,7 @@ from server.config import Config, ConfigError, describe, load_config
 
 if TYPE_CHECKING:
     from server.files.client import LocalTranscriber, Progress, Transcriber
+    from server.runners.base import ModelRunner
 
 log = logging.getLogger("chorus")
 
@@ -98,14 +99,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 def _local_transcriber(args: argparse.Namespace, fmt: str) -> "LocalTranscriber | int":
     """The loaded model behind the server's file path, or the exit status when it cannot load."""
     from server.files.client import LocalTranscriber
-    from server.runners import ItemOptions, RunnerError, create_runner
+    from server.runners import ItemOptions, RunnerError
 
     config = _config(args)
-    runner = create_runner(config.runner, max_batch_size=max(1, config.batcher.max_batch_size))
     try:
-        t0 = time.monotonic()
-        runner.load()
-        log.info("model loaded in %.1f s", time.monotonic() - t0)
+        runner = _load_runner(config)
     except RunnerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -116,6 +114,17 @@ def _local_transcriber(args: argparse.Namespace, fmt: str) -> "LocalTranscriber 
         return 2
     # Word timings cost an alignment pass: only for outputs that show them (subtitle cues are cut at word gaps).
     return LocalTranscriber(runner, config, ItemOptions(language=args.language, words=fmt != "text"))
+
+
+def _load_runner(config: Config) -> "ModelRunner":
+    """Build and load the configured model (a seam: in-process tests hand in one already loaded)."""
+    from server.runners import create_runner
+
+    runner = create_runner(config.runner, max_batch_size=max(1, config.batcher.max_batch_size))
+    t0 = time.monotonic()
+    runner.load()
+    log.info("model loaded in %.1f s", time.monotonic() - t0)
+    return runner
 
 
 async def _transcribe_all(transcriber: "Transcriber", paths: list[Path], fmt: str, several: bool, output_dir: Path | None,

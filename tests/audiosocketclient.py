@@ -34,11 +34,15 @@ class AudioSocketRun:
 
 
 async def audiosocket_call(port: int, call_uuid: uuidlib.UUID | None, audio: np.ndarray | None, rate: int = 8000, *,
-                           speed: float = 1.0, dtmf_at_ms: dict[int, str] | None = None, hangup: bool = True,
+                           speed: float | None = 1.0, dtmf_at_ms: dict[int, str] | None = None, hangup: bool = True,
                            raw_before: bytes = b"", raw_after: bytes = b"", split: int | None = None,
                            read_timeout: float = 60.0, host: str = "127.0.0.1",
-                           local_addr: tuple[str, int] | None = None) -> AudioSocketRun:
-    """One call: UUID, 20 ms audio frames paced at ``speed`` x real time, then a hangup frame.
+                           local_addr: tuple[str, int] | None = None,
+                           pause: tuple[int, asyncio.Event] | None = None) -> AudioSocketRun:
+    """One call: UUID, 20 ms audio frames paced at ``speed`` x real time (None: as fast as the
+    socket takes them), then a hangup frame. ``pause=(ms, event)``: after ``ms`` of audio, wait
+    for ``event`` before sending the rest (the call stays connected meanwhile), unless the server
+    hangs up first.
     ``raw_before``/``raw_after`` go out as given (malformed frames); ``split`` sends every frame in
     pieces of that many bytes (TCP may split anywhere). ``host``: the listener's address;
     ``local_addr``: the address to call from (another loopback address is another peer)."""
@@ -85,6 +89,13 @@ async def audiosocket_call(port: int, call_uuid: uuidlib.UUID | None, audio: np.
                 await send(frame(RATE_KINDS[rate], pcm[2 * start:2 * (start + step)]))
                 if dtmf_at_ms and i * 20 in dtmf_at_ms:
                     await send(frame(0x03, dtmf_at_ms[i * 20].encode()))
+                if pause is not None and (i + 1) * 20 == pause[0]:
+                    resume = asyncio.ensure_future(pause[1].wait())
+                    await asyncio.wait([resume, rd], return_when=asyncio.FIRST_COMPLETED)  # or the server hangs up
+                    resume.cancel()
+                    t0 = loop.time() - (i + 1) * 0.02 / (speed or 1.0)
+                if speed is None:
+                    continue
                 delay = t0 + (i + 1) * 0.02 / speed - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import threading
-import time
+
+from tests.waiting import wait_until
 
 
 class CallRecorder:
@@ -31,9 +32,8 @@ class CallRecorder:
 
     def wait_for(self, call_id: str, kind: str, timeout: float = 60.0) -> list[dict]:
         """Wait until ``call_id`` has an event of ``kind``; returns all of its events."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.of(call_id, kind):
-                return self.of(call_id)
-            time.sleep(0.05)
-        raise AssertionError(f"no {kind} event for call {call_id!r} in {timeout} s; got {self.of(call_id)}")
+        try:
+            wait_until(lambda: self.of(call_id, kind), timeout, 0.05, f"a {kind} event for call {call_id!r}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; got {self.of(call_id)}") from None
+        return self.of(call_id)

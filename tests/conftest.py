@@ -1,11 +1,52 @@
-"""Shared fixtures: the real embedded Whisper runner, loaded once per test session."""
+"""Shared fixtures (the real embedded Whisper runner, loaded once per test process) and the
+rule that lets the suite run in two processes without weakening its claims about time.
+
+The suite runs in pytest-xdist workers. Most tests wait on sockets and timers more than they
+compute, so two of them share the two cores well; a test whose claim is about time (partials
+while someone speaks at real time, a latency or wall-clock bound) must not share the CPU with
+another test's model calls. Such tests are marked ``timing``: each runs its whole protocol
+(setup, call, teardown) holding a machine-wide exclusive lock, while every other test holds the
+same lock shared. A turnstile keeps a waiting ``timing`` test from being starved by the other
+worker's stream of shared holders.
+"""
 
 from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 from server.config import RunnerConfig
 from server.runners import create_runner
+
+# One pair of lock files per test run: the controller's environment is inherited by the workers.
+_RUN = os.environ.setdefault("CHORUS_TEST_RUN_LOCKS", tempfile.mkdtemp(prefix="chorus-test-locks-"))
+
+
+@contextmanager
+def _flock(name: str, mode: int):
+    with open(Path(_RUN) / name, "a+") as f:
+        fcntl.flock(f, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if item.get_closest_marker("timing"):
+        with _flock("turnstile", fcntl.LOCK_EX), _flock("cpu", fcntl.LOCK_EX):
+            yield
+    else:
+        with _flock("turnstile", fcntl.LOCK_EX):
+            pass  # wait here while a timing test waits for, or holds, the CPU
+        with _flock("cpu", fcntl.LOCK_SH):
+            yield
 
 
 @pytest.fixture(scope="session")

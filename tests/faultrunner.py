@@ -36,6 +36,7 @@ class FaultyRunner(ModelRunner):
         self.released.set()
         self.calls = 0
         self.batch_sizes: list[int] = []
+        self.last_return = 0.0  # time.monotonic() when the latest call ended (returned or raised)
 
     def hang(self) -> None:
         """Every call from now on blocks until `release()`."""
@@ -57,14 +58,17 @@ class FaultyRunner(ModelRunner):
     def transcribe(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[ItemResult]:
         self.calls += 1
         self.batch_sizes.append(len(audios))
-        self.released.wait(120)
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        if self.fail_with is not None:
-            raise self.fail_with
-        if self.oom_over is not None and len(audios) > self.oom_over:
-            raise OutOfMemoryError(f"injected: batch of {len(audios)} > {self.oom_over}")
-        return self.inner.transcribe(audios, options)
+        try:
+            self.released.wait(120)
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            if self.fail_with is not None:
+                raise self.fail_with
+            if self.oom_over is not None and len(audios) > self.oom_over:
+                raise OutOfMemoryError(f"injected: batch of {len(audios)} > {self.oom_over}")
+            return self.inner.transcribe(audios, options)
+        finally:
+            self.last_return = time.monotonic()
 
 
 class BatchCostRunner(ModelRunner):

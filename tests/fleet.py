@@ -18,13 +18,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from client_demo.loadgen import _free_port as free_port
+from tests.ports import free_port
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
@@ -78,18 +78,20 @@ class Replica:
         return self
 
     def wait_ready(self, timeout: float = 120) -> "Replica":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"replica {self.name} exited {self.proc.returncode}: {self.tail()}")
             try:
-                if http_get(self.port, "/healthz", 2)[0] == 200:
-                    return self
+                return http_get(self.port, "/healthz", 2)[0] == 200
             except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"replica {self.name} not ready in {timeout} s: {self.tail()}")
+                return False
+
+        try:
+            wait_until(ready, timeout, 0.2, f"replica {self.name} answers /healthz 200")
+        except AssertionError as e:
+            raise RuntimeError(f"{e}: {self.tail()}") from None
+        return self
 
     def health(self) -> dict:
         return http_get(self.port, "/healthz")[1]
@@ -159,18 +161,21 @@ class HAProxy:
 
     def wait_up(self, backend: str, names: set[str], timeout: float = 60) -> None:
         """Until exactly ``names`` of ``backend``'s servers are UP (the others not)."""
-        deadline = time.monotonic() + timeout
         up: set[str] = set()
-        while time.monotonic() < deadline:
+
+        def as_wanted() -> bool:
+            nonlocal up
             assert self.proc is not None and self.proc.poll() is None, self.tail()
             try:
                 up = {s for (b, s), row in self.servers().items() if b == backend and row["status"].startswith("UP")}
             except OSError:
                 up = set()
-            if up == names:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"{backend}: UP {sorted(up)}, wanted {sorted(names)}: {self.tail()}")
+            return up == names
+
+        try:
+            wait_until(as_wanted, timeout, 0.1)
+        except AssertionError:
+            raise AssertionError(f"{backend}: UP {sorted(up)}, wanted {sorted(names)}: {self.tail()}") from None
 
     def tail(self, chars: int = 3000) -> str:
         self.log.flush()

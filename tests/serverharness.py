@@ -20,11 +20,14 @@ from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from client_demo.pacing import send_paced
 from server.app import ChorusServer
 from server.config import Config, load_config
 from server.runners.base import ModelRunner
+from server.wer import word_error_rate
+from tests import scrape
 
 DATA = Path(__file__).parent / "data"
 CLIPS = sorted(DATA.glob("*.wav"))
@@ -35,6 +38,11 @@ def read_clip(path: Path) -> np.ndarray:
     with wave.open(str(path)) as w:
         assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2
         return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+
+
+def clip_wer(path: Path, text: str) -> float:
+    """Word error rate of ``text`` against the transcript of the clip at ``path``."""
+    return word_error_rate([TRANSCRIPTS[path.name]], [text])
 
 
 # Every capacity-aware trigger off (the fixed session limits stay).
@@ -90,13 +98,9 @@ class ServerThread:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
-    def metric(self, name: str) -> float:
-        """Value of one un-labelled sample line in /metrics."""
-        _, text = self.http("/metrics")
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
+    def metric(self, name: str, default: float | None = 0.0, **labels: str) -> float | None:
+        """One sample of this server's /metrics, read over its socket (``default`` if absent)."""
+        return scrape.metric(self.app.port, name, default, **labels)
 
 
 @dataclass
@@ -162,3 +166,23 @@ def check_words(result: dict) -> None:
         assert prev <= w["start_ms"] <= w["end_ms"] <= result["end_ms"], (w, result["start_ms"], result["end_ms"])
         prev = w["end_ms"]
     assert "".join(w["word"] for w in words).replace(" ", "") == result["text"].replace(" ", "")
+
+
+@dataclass
+class Handshake:
+    """How a server answered a WebSocket handshake: 101, or the refusal's status, headers and
+    JSON body."""
+    status: int
+    headers: Any = None
+    body: dict = field(default_factory=dict)
+
+
+async def handshake(url: str, **connect_kw: Any) -> Handshake:
+    """Open a WebSocket to ``url`` and close it at once; a refusal must carry a JSON body."""
+    try:
+        async with connect(url, **connect_kw):
+            return Handshake(101)
+    except InvalidStatus as e:
+        body = e.response.body or b""
+        payload = json.loads(body) if body else {}
+        return Handshake(e.response.status_code, e.response.headers, payload)

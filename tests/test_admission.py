@@ -1,6 +1,9 @@
 """Admission's capacity arithmetic, on its own: how a final call's cost grows with its batch
-size, the projection of batched finals it leads to, and the refusals. (Over real sockets:
-tests/test_reliability.py.)"""
+size, the projection of batched finals it leads to, and the refusals; then admission as shipped
+(configs/default.yaml's triggers, ``shipped_admission=True``) over real sockets: a newcomer
+refused with 503 + Retry-After when the projection says so, ``/healthz`` saying ``accepting:
+false``, the admitted sessions keeping their finals. (Admission's other triggers over real
+sockets: tests/test_reliability.py.)"""
 
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ from websockets.asyncio.client import connect
 
 from client_demo.pacing import send_paced
 from tests.faultrunner import BatchCostRunner
-from tests.serverharness import DATA, ServerThread, StreamLog, make_config, pcm16, read_clip
+from tests.serverharness import DATA, ServerThread, StreamLog, handshake, make_config, pcm16, read_clip
 from tests.test_batcher import RecordingRunner
-from tests.test_reliability import collect, http_get, lost_finals, refused_status
+from tests.test_reliability import collect, http_get, lost_finals
+from tests.waiting import async_wait_until
 
 
 class StubBatcher:
@@ -283,13 +287,6 @@ async def _talk(ws, out: StreamLog, utterances: int) -> None:
     await send_paced(ws, _utterances(utterances), 16000, 100, 4.0, encode=pcm16)
 
 
-async def _until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 def test_shipped_admission_lets_in_the_sessions_measured_batches_fit():
     """Default config, a model whose call of k finals costs 0.8 + 0.1 k s. Before any final the
     safe start admits two sessions and refuses a third; once their finals are measured, the
@@ -302,9 +299,9 @@ def test_shipped_admission_lets_in_the_sessions_measured_batches_fit():
             seen: dict = {}
             async with connect(srv.url + "?language=en") as a, connect(srv.url + "?language=en") as b:
                 readers = [asyncio.create_task(collect(ws, out)) for ws, out in zip((a, b), logs)]
-                seen["unmeasured"] = await refused_status(srv.url)
+                seen["unmeasured"] = await handshake(srv.url)
                 await asyncio.gather(_talk(a, logs[0], 3), _talk(b, logs[1], 2))
-                await _until(lambda: sum(len(out.of("final")) for out in logs) >= 5, 60, "five finals")
+                await async_wait_until(lambda: sum(len(out.of("final")) for out in logs) >= 5, 60, what="five finals")
                 seen["costs"] = srv.app.batcher.final_costs()
                 seen["health"] = await asyncio.to_thread(http_get, srv.app.port, "/healthz")
                 async with connect(srv.url + "?language=en") as c:
@@ -316,9 +313,9 @@ def test_shipped_admission_lets_in_the_sessions_measured_batches_fit():
             return logs, seen
 
         logs, seen = asyncio.run(main())
-    code, headers, body = seen["unmeasured"]
-    assert code == 503 and body["reason"] == "capacity" and "not measured" in body["message"], seen["unmeasured"]
-    assert int(headers["Retry-After"]) >= 1
+    unmeasured = seen["unmeasured"]
+    assert unmeasured.status == 503 and unmeasured.body["reason"] == "capacity" and "not measured" in unmeasured.body["message"], unmeasured
+    assert int(unmeasured.headers["Retry-After"]) >= 1
     costs_seen = seen["costs"]
     assert costs_seen is not None and costs_seen.calls
     assert seen["health"][0] == 200 and seen["health"][2]["accepting"] is True, seen["health"]
@@ -339,9 +336,9 @@ def test_shipped_admission_refuses_when_measured_batches_do_not_fit():
             async with connect(srv.url + "?language=en") as ws:
                 reader = asyncio.create_task(collect(ws, out))
                 await _talk(ws, out, 2)
-                await _until(lambda: len(out.of("final")) >= 1, 60, "a final")
+                await async_wait_until(lambda: len(out.of("final")) >= 1, 60, what="a final")
                 seen["health"] = await asyncio.to_thread(http_get, srv.app.port, "/healthz")
-                seen["refused"] = await refused_status(srv.url)
+                seen["refused"] = await handshake(srv.url)
                 await ws.send(json.dumps({"type": "stop"}))
                 await asyncio.wait_for(reader, 60)
             return out, seen
@@ -349,10 +346,13 @@ def test_shipped_admission_refuses_when_measured_batches_do_not_fit():
         out, seen = asyncio.run(main())
     status, _, body = seen["health"]
     assert status == 503 and body["accepting"] is False, body
-    code, headers, rbody = seen["refused"]
-    assert code == 503 and rbody["reason"] == "capacity" and "projected" in rbody["message"], seen["refused"]
-    assert int(headers["Retry-After"]) >= 1
+    refused = seen["refused"]
+    assert refused.status == 503 and refused.body["reason"] == "capacity" and "projected" in refused.body["message"], refused
+    assert int(refused.headers["Retry-After"]) >= 1
+    # The admitted session keeps its finals, each with its text, and ends normally.
     assert len(out.of("final")) == 2 and lost_finals(out) == []
+    assert all(f["text"] == "hello there" and "error" not in f for f in out.of("final")), out.of("final")
+    assert out.messages[-1]["type"] == "done" and out.close_code == 1000, out.messages[-2:]
 
 
 def test_a_stereo_stream_takes_two_sessions_over_a_real_socket():
@@ -366,23 +366,23 @@ def test_a_stereo_stream_takes_two_sessions_over_a_real_socket():
             async with connect(srv.url + "?channels=2&language=en") as stereo:
                 assert json.loads(await stereo.recv())["type"] == "ready"
                 seen["charged"] = srv.app.admission.charged
-                seen["mono"] = await refused_status(srv.url)
-            await _until(lambda: srv.app.admission.charged == 0, 10, "the stereo slot back")
+                seen["mono"] = await handshake(srv.url)
+            await async_wait_until(lambda: srv.app.admission.charged == 0, 10, what="the stereo slot back")
             async with connect(srv.url + "?language=en") as mono:
                 assert json.loads(await mono.recv())["type"] == "ready"
                 async with connect(srv.url + "?channels=2&language=en") as stereo2:
                     seen["stereo2"] = [json.loads(m) for m in [await stereo2.recv()]]
                     await asyncio.sleep(0)
                     seen["stereo2_close"] = await asyncio.wait_for(stereo2.wait_closed(), 10) or stereo2.close_code
-            await _until(lambda: srv.app.admission.charged == 0, 10, "every slot back")
+            await async_wait_until(lambda: srv.app.admission.charged == 0, 10, what="every slot back")
             async with connect(srv.url + "?channels=2&language=en") as stereo3:
                 seen["stereo3"] = json.loads(await stereo3.recv())["type"]
             return seen
 
         seen = asyncio.run(main())
     assert seen["charged"] == 2
-    code, headers, body = seen["mono"]
-    assert code == 503 and body["reason"] == "full" and int(headers["Retry-After"]) >= 1, seen["mono"]
+    mono = seen["mono"]
+    assert mono.status == 503 and mono.body["reason"] == "full" and int(mono.headers["Retry-After"]) >= 1, mono
     error = seen["stereo2"][0]
     assert error["type"] == "error" and error["code"] == "capacity" and "2 channels" in error["message"], error
     assert seen["stereo2_close"] == 1008

@@ -19,6 +19,7 @@ from server.batcher import BatcherStopped, Kind, MicroBatcher
 from server.config import BatcherConfig, RunnerConfig
 from server.metrics import Metrics
 from server.runners.base import ItemError, ItemOptions, Launched, ModelRunner, Transcript
+from tests.waiting import async_wait_until
 
 
 class RecordingRunner(ModelRunner):
@@ -33,11 +34,13 @@ class RecordingRunner(ModelRunner):
         self.fail_when = fail_when
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = 0  # calls begun (a call held at the gate counts)
 
     def load(self) -> None:
         pass
 
     def transcribe(self, audios, options):
+        self.entered += 1
         self.gate.wait(5)
         lengths = [len(a) for a in audios]
         self.batches.append(lengths)
@@ -53,6 +56,11 @@ def audio(seconds: float) -> np.ndarray:
 
 def run(coro):
     return asyncio.run(coro)
+
+
+async def inside_call(r: RecordingRunner, n: int = 1) -> None:
+    """Until the worker has begun its n-th call (held at the gate while the test queues more)."""
+    await async_wait_until(lambda: r.entered >= n, timeout=10, what=f"the worker began call {n}")
 
 
 def make(runner, **kw) -> MicroBatcher:
@@ -83,7 +91,7 @@ def test_max_batch_size_and_buckets_respected():
         b.start(asyncio.get_running_loop())
         futs = [b.submit(audio(1.0), ItemOptions(), Kind.FINAL, f"a{i}") for i in range(6)]
         futs += [b.submit(audio(4.0), ItemOptions(), Kind.FINAL, f"b{i}") for i in range(2)]
-        await asyncio.sleep(0.05)
+        await inside_call(r)  # the first batch formed while everything was queued
         r.gate.set()
         await asyncio.gather(*futs)
         b.stop()
@@ -104,7 +112,7 @@ def test_finals_before_partials_and_partials_replaced():
         b = make(r, max_batch_size=8, batch_wait_ms=1.0)
         b.start(asyncio.get_running_loop())
         blocker = b.submit(audio(0.5), ItemOptions(), Kind.FINAL, "z")  # occupies the worker
-        await asyncio.sleep(0.05)
+        await inside_call(r)
         p_old = b.submit(audio(1.0), ItemOptions(), Kind.PARTIAL, "s1")
         p_new = b.submit(audio(1.5), ItemOptions(), Kind.PARTIAL, "s1")
         p_other = b.submit(audio(1.2), ItemOptions(), Kind.PARTIAL, "s2")
@@ -144,7 +152,7 @@ def test_cancelled_session_requests_never_run_and_stop_fails_waiters():
         b = make(r, batch_wait_ms=1.0)
         b.start(asyncio.get_running_loop())
         first = b.submit(audio(0.5), ItemOptions(), Kind.FINAL, "keep")
-        await asyncio.sleep(0.05)  # worker now blocked inside the first batch
+        await inside_call(r)  # the worker is held inside the first batch
         gone = [b.submit(audio(1.0), ItemOptions(), Kind.FINAL, "gone") for _ in range(3)]
         left = b.submit(audio(1.0), ItemOptions(), Kind.FINAL, "left")
         assert b.cancel_session("gone") == 3
@@ -152,18 +160,21 @@ def test_cancelled_session_requests_never_run_and_stop_fails_waiters():
         r.gate.set()
         await first
         await left
-        late = b.submit(audio(1.0), ItemOptions(), Kind.FINAL, "late")
         r.gate.clear()
-        await asyncio.sleep(0.05)
+        late = b.submit(audio(1.0), ItemOptions(), Kind.FINAL, "late")
+        await inside_call(r, 3)  # late's call is in flight, held at the gate
+        waiting = b.submit(audio(1.5), ItemOptions(), Kind.FINAL, "waiting")
         stopper = asyncio.get_running_loop().run_in_executor(None, b.stop, 0.1)
+        await async_wait_until(waiting.done, what="stop failed the waiting request")
         r.gate.set()
         await stopper
-        return r, late
+        await async_wait_until(late.done, what="the call in flight at stop was answered")
+        return r, late, waiting
 
-    r, late = run(main())
-    assert [16000] * 3 not in r.batches and all(8000 in bt or 16000 in bt for bt in r.batches)
-    assert sum(len(bt) for bt in r.batches) <= 3  # first, left, maybe late; never the cancelled ones
-    assert late.done()
+    r, late, waiting = run(main())
+    assert r.batches == [[8000], [16000], [16000]]  # first, left, late; never the cancelled ones
+    assert isinstance(waiting.exception(), BatcherStopped)
+    assert late.result().text == "16000"
 
 
 def test_batching_off_means_one_item_per_call():
@@ -223,7 +234,7 @@ def test_final_supersedes_the_sessions_waiting_partial():
         b = make(r, batch_wait_ms=1.0)
         b.start(asyncio.get_running_loop())
         blocker = b.submit(audio(0.5), ItemOptions(), Kind.FINAL, "z")
-        await asyncio.sleep(0.05)
+        await inside_call(r)
         partial = b.submit(audio(1.0), ItemOptions(), Kind.PARTIAL, "s1")
         final = b.submit(audio(1.5), ItemOptions(), Kind.FINAL, "s1")
         r.gate.set()
@@ -423,7 +434,7 @@ def test_live_finals_then_partials_then_file_segments():
         b = make(r, max_batch_size=8, batch_wait_ms=1.0)
         b.start(asyncio.get_running_loop())
         blocker = b.submit(audio(0.5), ItemOptions(), Kind.FINAL, "z")  # occupies the worker
-        await asyncio.sleep(0.05)
+        await inside_call(r)
         files = [b.submit(audio(1.0 + i * 0.1), ItemOptions(), Kind.FILE, "job") for i in range(3)]
         partial = b.submit(audio(1.5), ItemOptions(), Kind.PARTIAL, "s1")
         final = b.submit(audio(1.9), ItemOptions(), Kind.FINAL, "s2")
@@ -444,7 +455,7 @@ def test_file_segments_batch_by_length_and_a_full_bucket_goes_first():
         b = make(r, max_batch_size=4, batch_wait_ms=1.0)
         b.start(asyncio.get_running_loop())
         blocker = b.submit(audio(0.5), ItemOptions(), Kind.FILE, "z")  # no live session: full-size file batches
-        await asyncio.sleep(0.05)
+        await inside_call(r)
         lengths = [20.0, 1.0, 4.0, 1.5, 25.0, 1.2, 3.0, 1.8]  # buckets: <=2 s x4, <=5 s x2, <=30 s x2
         futs = [b.submit(audio(s), ItemOptions(), Kind.FILE, f"job{i % 2}") for i, s in enumerate(lengths)]
         r.gate.set()
@@ -459,6 +470,7 @@ def test_file_segments_batch_by_length_and_a_full_bucket_goes_first():
     assert seconds == [[1.8, 1.5, 1.2, 1.0], [25.0, 20.0], [4.0, 3.0]], seconds
 
 
+@pytest.mark.timing  # the batch sizes follow wall-clock cost measured within 25%: no other test may slow it
 def test_file_batches_fit_the_live_call_budget_by_measured_cost():
     """0.1 s per call here. With a live session active, a file batch holds as many segments as
     0.1 s per item fits in `file_live_max_call_ms`; without one, a full batch."""
@@ -529,7 +541,7 @@ def test_a_cancelled_job_drops_its_file_segments_and_metrics_count_each_class():
         b = make(r, max_batch_size=8, batch_wait_ms=1.0)
         b.start(asyncio.get_running_loop())
         blocker = b.submit(audio(0.5), ItemOptions(), Kind.FINAL, "z")
-        await asyncio.sleep(0.05)
+        await inside_call(r)
         gone = [b.submit(audio(1.0), ItemOptions(), Kind.FILE, "gone") for _ in range(3)]
         kept = b.submit(audio(1.5), ItemOptions(), Kind.FILE, "kept")
         assert b.cancel_session("gone") == 3

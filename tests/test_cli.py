@@ -1,4 +1,6 @@
-"""The `chorus` command line, run as a user would run it (a subprocess)."""
+"""The `chorus` command line, run as a user would run it (a subprocess): each `chorus transcribe`
+here builds and loads its own model, so one run carries several files (in-process CLI tests with
+the session's loaded model: tests/test_transcribe_cli.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def write_wav(path: Path, audio: np.ndarray, rate: int) -> None:
         w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
 
 
-def test_transcribe_short_clip_and_long_file_at_another_rate(tmp_path):
+def test_transcribe_short_clip_and_long_file_at_another_rate_and_a_bad_file(tmp_path):
+    """One bad file among good ones: its error is clear and does not stop the others."""
     from server.audio.resample import resample
 
     # A 44.1 kHz file longer than Whisper's 30 s window: the CLI resamples it and cuts it at pauses.
@@ -39,9 +42,13 @@ def test_transcribe_short_clip_and_long_file_at_another_rate(tmp_path):
     long_path = tmp_path / "long.wav"
     write_wav(long_path, resample(long16, 16000, 44100), 44100)
 
-    r = chorus("transcribe", "--json", "tests/data/jfk.wav", str(long_path))
-    assert r.returncode == 0, r.stderr
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not audio")
+    r = chorus("transcribe", "--json", str(bad), "tests/data/jfk.wav", str(long_path))
+    assert r.returncode == 1, r.stderr
+    assert f"error: {bad}: " in r.stderr and "Traceback" not in r.stderr, r.stderr
     jfk, long = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert (jfk["file"], long["file"]) == ("tests/data/jfk.wav", str(long_path)), r.stdout[:300]
     assert word_error_rate([TRANSCRIPTS["jfk.wav"]], [jfk["text"]]) <= 0.05, jfk["text"]
     assert len(long["segments"]) >= 2
     # Word times are on the file's clock: ascending across segments, each inside its segment's audio.
@@ -55,12 +62,8 @@ def test_transcribe_short_clip_and_long_file_at_another_rate(tmp_path):
     assert word_error_rate([ref], [long["text"]]) <= 0.05, long["text"]
 
 
-def test_transcribe_errors_are_clear(tmp_path):
-    bad = tmp_path / "notes.txt"
-    bad.write_text("not audio")
-    r = chorus("transcribe", str(bad), "tests/data/jfk.wav")
-    assert r.returncode == 1
-    assert "notes.txt" in r.stderr and "country" in r.stdout  # one bad file does not stop the others
+def test_transcribe_errors_are_clear():
+    # A bad file among good ones: test_transcribe_short_clip_and_long_file_at_another_rate_and_a_bad_file.
     r = chorus("transcribe", "--set", "runner.name=wav2vec", "tests/data/jfk.wav")
     assert r.returncode == 2 and "runner.name" in r.stderr
 

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,10 @@ from websockets.exceptions import ConnectionClosed
 from client_demo.pacing import send_paced
 from server.config import load_config
 from tests.fleet import CHORUS, ROOT, Replica, http_get
+from tests.ports import free_port
+from tests.scrape import metric
 from tests.serverharness import ADMISSION_OFF, DATA, pcm16, read_clip
+from tests.waiting import async_wait_until, wait_until
 
 KUBE = ROOT / "deploy" / "kubernetes"
 OVERLAYS = sorted(p.name for p in (KUBE / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
@@ -161,7 +163,6 @@ def test_prepare_model_builds_the_directory_the_server_loads(model_dir):
     assert not [p for p in model_dir.parent.iterdir() if p.name.startswith("chorus-join-")]  # no scratch left
 
 
-@pytest.mark.slow
 @needs_kubectl
 def test_a_pod_s_server_started_by_the_entrypoint_means_what_the_probes_and_autoscaler_assume(model_dir, tmp_path):
     """The cpu overlay's config, started as the image starts it (entrypoint.sh: exec, config file,
@@ -170,49 +171,52 @@ def test_a_pod_s_server_started_by_the_entrypoint_means_what_the_probes_and_auto
     SIGTERM: not ready from the first moment, still live, every session gets `done` and the
     configured close code, exit 0."""
     docs = render("cpu")
-    ports = Replica("ports")  # only for its free ports: the pod is started below as the image starts it
+    port = free_port()
     config_file, sets, _ = pod_config(docs, tmp_path)
-    overrides = ["server.host=127.0.0.1", f"server.port={ports.port}", f"funasr.port={ports.funasr_port}",
-                 f"api.port={ports.api_port}", f"runner.model={model_dir}", "server.max_sessions=2",
+    overrides = ["server.host=127.0.0.1", f"server.port={port}", f"funasr.port={free_port()}",
+                 f"api.port={free_port()}", f"runner.model={model_dir}", "server.max_sessions=2",
                  *(f"{k}={v}" for k, v in ADMISSION_OFF.items())]
     _, _, cfg = pod_config(docs, tmp_path, *overrides)
     env = {"CHORUS_CONFIG": str(config_file), "CHORUS_SET": " ".join(sets + overrides), "CHORUS_BIN": str(CHORUS)}
     pod = Replica("pod", argv=["sh", str(ROOT / "deploy" / "container" / "entrypoint.sh")], env=env)
-    pod.port = ports.port
-    ports.close()  # never started: this only removes its log file
+    pod.port = port
     try:
         pod.start()
         assert pod.proc is not None
         loading: list[tuple[int, int]] = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+
+        def warm() -> bool:
+            """Ready; every answer before that recorded (readiness, liveness)."""
             try:
                 ready, live = http_get(pod.port, "/healthz", 2), http_get(pod.port, "/livez", 2)
             except OSError:
-                time.sleep(0.05)
-                continue
+                return False
             if ready[0] == 200:
-                break
+                return True
             assert ready[1]["reason"] and not ready[1]["draining"], ready
             loading.append((ready[0], live[0]))
-            time.sleep(0.1)
-        else:
-            pytest.fail(pod.tail())  # before close(): it removes the log
+            return False
+
+        try:
+            wait_until(warm, 120, 0.1, "the pod's server is ready")
+        except AssertionError as e:
+            pytest.fail(f"{e}: {pod.tail()}")  # before close(): it removes the log
         # exec: the process the runtime signals is the server itself, not a shell around it.
         cmdline = Path(f"/proc/{pod.proc.pid}/cmdline").read_bytes().split(b"\0")
         assert b"serve" in cmdline and not cmdline[0].endswith(b"sh"), cmdline
         assert loading and all(r == 503 and l == 200 for r, l in loading), loading
         assert http_get(pod.port, "/livez")[0] == 200
-        assert metric(pod.port, "chorus_load_ratio") == 0.0
+        assert metric(pod.port, "chorus_load_ratio", None) == 0.0
 
         async def main():
             jfk = read_clip(DATA / "jfk.wav")
             url = f"ws://127.0.0.1:{pod.port}/v1/stream?language=en"
             async with connect(url, max_size=None) as s1:
-                await asyncio.sleep(0.3)
-                half = await asyncio.to_thread(metric, pod.port, "chorus_load_ratio")
+                await async_wait_until(lambda: asyncio.to_thread(lambda: http_get(pod.port, "/healthz")[1]["sessions"] == 1),
+                                       10, what="the first session is counted")
+                half = await asyncio.to_thread(metric, pod.port, "chorus_load_ratio", None)
                 async with connect(url, max_size=None) as s2:
-                    full = await asyncio.to_thread(lambda: (metric(pod.port, "chorus_load_ratio"),
+                    full = await asyncio.to_thread(lambda: (metric(pod.port, "chorus_load_ratio", None),
                                                             http_get(pod.port, "/healthz"), http_get(pod.port, "/livez")))
                     # Mid-sentence on both, then SIGTERM: the open segments must be finalised.
                     await asyncio.gather(*(send_paced(ws, jfk[: 3 * 16000], 16000, 100, 8.0, encode=pcm16) for ws in (s1, s2)))
@@ -239,21 +243,11 @@ def test_a_pod_s_server_started_by_the_entrypoint_means_what_the_probes_and_auto
 def readiness_once_draining(port: int) -> tuple[tuple[int, dict], tuple[int, dict]]:
     """/healthz and /livez as soon as the server has taken the signal (the signal is delivered
     asynchronously: a request served just before it still sees the server full, not draining)."""
-    deadline = time.monotonic() + 5
-    while True:
+    def draining() -> tuple[int, dict] | None:
         ready = http_get(port, "/healthz")
-        if ready[1].get("draining") or time.monotonic() > deadline:
-            return ready, http_get(port, "/livez")
-        time.sleep(0.01)
+        return ready if ready[1].get("draining") else None
 
-
-def metric(port: int, name: str) -> float:
-    status, text = http_get(port, "/metrics")
-    assert status == 200
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise KeyError(name)
+    return wait_until(draining, 5, 0.01, "readiness says draining after SIGTERM"), http_get(port, "/livez")
 
 
 async def drain_messages(ws) -> tuple[list[dict], int | None]:

@@ -335,13 +335,21 @@ def test_sensevoice_row_with_non_finite_scores_fails_alone(sv_dir, clips):
 
 
 def test_whisper_row_with_non_finite_scores_fails_alone(whisper_runner, clips):
+    """A NaN row never ends, so it decodes to the token limit at every fallback temperature:
+    the limit is 40 tokens here (128 shipped), which the clean 3 s item stays well under."""
     items = [clips[0][:3 * 16000], clips[1][:3 * 16000]]
     opts = [ItemOptions("en")] * 2
-    clean = whisper_runner.transcribe(items, opts)
-    handle = whisper_runner.model.dec_ln.register_forward_hook(_nan_row(0))
+    base = whisper_runner.config
+    whisper_runner.config = dataclasses.replace(base, whisper=dataclasses.replace(base.whisper, max_new_tokens=40))
     try:
-        out = whisper_runner.transcribe(items, opts)
+        clean = whisper_runner.transcribe(items, opts)
+        handle = whisper_runner.model.dec_ln.register_forward_hook(_nan_row(0))
+        try:
+            out = whisper_runner.transcribe(items, opts)
+        finally:
+            handle.remove()
     finally:
-        handle.remove()
+        whisper_runner.config = base
+    assert 0 < len(clean[1].fields["tokens"]) < 30  # ended by itself, not cut by the limit
     assert isinstance(out[0], ItemError) and out[0].code == "model_output"
     assert out[1].fields["tokens"] == clean[1].fields["tokens"] and out[1].text == clean[1].text

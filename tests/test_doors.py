@@ -30,14 +30,13 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from client_demo.loadgen import _free_port as free_port
 from server.protocol.twilio import signature
 from server.transport import access
 from server.transport.access import API, AUDIOSOCKET, DOORS, FUNASR, HOST, MAIN, METRICS_TOKEN, ORIGIN, PEERS, TOKEN, TWILIO, Door
 from tests.audiosocketclient import audiosocket_call
 from tests.callrecorder import CallRecorder
-from tests.serverharness import ServerThread, make_config
-from tests.twilioclient import TwilioSender
+from tests.ports import free_port
+from tests.serverharness import ServerThread, handshake, make_config
 
 TOKEN_VALUE = "door-token-5Hq8"
 TWILIO_TOKEN = "door-twilio-token-2Lm7"
@@ -362,22 +361,10 @@ def test_twilio_signature_never_logged(srv, caplog):
     good = signature(TWILIO_TOKEN, f"wss://127.0.0.1:{port}/v1/twilio")
     bad = signature("not-the-twilio-token", f"wss://127.0.0.1:{port}/v1/twilio")
 
-    async def call(sig: str) -> int | None:
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import InvalidStatus
-        try:
-            async with connect(f"ws://127.0.0.1:{port}/v1/twilio", additional_headers={"X-Twilio-Signature": sig}) as ws:
-                sender = TwilioSender("CA" + "d" * 32)
-                await ws.send(sender.connected())
-                await ws.send(sender.start(["inbound"]))
-                await ws.send(sender.stop())
-                async for _ in ws:
-                    pass
-                return 101
-        except InvalidStatus as e:
-            return e.response.status_code
+    def call(sig: str) -> int:
+        return asyncio.run(handshake(f"ws://127.0.0.1:{port}/v1/twilio", additional_headers={"X-Twilio-Signature": sig})).status
 
-    assert asyncio.run(call(good)) == 101 and asyncio.run(call(bad)) == 403
+    assert call(good) == 101 and call(bad) == 403
     assert door.guards == (HOST, TWILIO, ORIGIN)
     server_records = [r for r in caplog.records if not r.name.startswith("websockets.client")]
     text = "\n".join(r.getMessage() for r in server_records)

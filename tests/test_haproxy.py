@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 import urllib.request
 import uuid
 
@@ -25,22 +24,23 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from client_demo.pacing import send_paced
-from server.wer import normalize_text, word_error_rate
+from server.wer import normalize_text
 from tests.audiofiles import encode
 from tests.audiosocketclient import audiosocket_call
 from tests.fleet import HAProxy, Replica, haproxy_binary, http_get
 from tests.funasrclient import run_funasr
-from tests.serverharness import ADMISSION_OFF, DATA, TRANSCRIPTS, StreamLog, pcm16, read_clip
+from tests.scrape import metric
+from tests.serverharness import ADMISSION_OFF, DATA, StreamLog, pcm16, read_clip
+from tests.waiting import async_wait_until, wait_until
 
 HAPROXY = haproxy_binary()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     HAPROXY is None,
     reason="SKIPPED: haproxy is not installed, so the load-balancing tests cannot run "
            "(scripts/setup.sh installs Debian's haproxy when run as root; or: apt-get install haproxy)",
 )]
 
 JFK = read_clip(DATA / "jfk.wav")
-JFK_TEXT = TRANSCRIPTS["jfk.wav"]
 A_MAX_SESSIONS = 3
 SIX_S = 6 * 16000  # "And so my fellow Americans, ask not ..."
 COMMON = (*(f"{k}={v}" for k, v in ADMISSION_OFF.items()), "server.shutdown_timeout_s=60", "runner.num_threads=1")
@@ -126,14 +126,13 @@ async def open_client(fleet: Fleet) -> Client:
     count of open sessions went up (clients are opened one at a time)."""
     before = await asyncio.to_thread(fleet.counts)
     ws = await connect(fleet.url, max_size=None, open_timeout=30)
-    deadline = time.monotonic() + 5
-    while True:
+
+    async def grew() -> list[str]:
         after = await asyncio.to_thread(fleet.counts)
-        grew = [name for name, x, y in zip("ab", before, after) if y > x]
-        if len(grew) == 1:
-            return Client(ws, grew[0])
-        assert time.monotonic() < deadline, (before, after)
-        await asyncio.sleep(0.05)
+        grown = [name for name, x, y in zip("ab", before, after) if y > x]
+        return grown if len(grown) == 1 else []
+
+    return Client(ws, (await async_wait_until(grew, 5, 0.05, f"one replica's count grew from {before}"))[0])
 
 
 async def close_all(clients: list[Client]) -> None:
@@ -144,23 +143,17 @@ async def close_all(clients: list[Client]) -> None:
 
 def wait_idle(fleet: Fleet) -> None:
     """Between tests: every session closed and both replicas back in rotation."""
-    deadline = time.monotonic() + 60
-    while fleet.counts() != (0, 0):
-        assert time.monotonic() < deadline, fleet.counts()
-        time.sleep(0.1)
+    wait_until(lambda: fleet.counts() == (0, 0), 60, 0.1, "every session closed on both replicas")
     fleet.lb.wait_up("chorus_ws", {"a", "b"})
 
 
 def wait_draining(r: Replica, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not r.health().get("draining"):
-        assert time.monotonic() < deadline, "the replica did not start draining after SIGTERM"
-        time.sleep(0.01)
+    wait_until(lambda: r.health().get("draining"), timeout, 0.01, "the replica starts draining after SIGTERM")
 
 
 def heard_the_start(text: str) -> bool:
     """The first six seconds of the JFK clip were recognised (routing is the claim here, not
-    accuracy: the full clip's WER is checked once, on the FunASR port and the API)."""
+    accuracy: each dialect's WER is held by its own tests, tests/test_funasr.py, test_api.py)."""
     return normalize_text(text).startswith("and so my fellow americans")
 
 
@@ -218,10 +211,10 @@ def test_funasr_api_and_audiosocket_ports_go_through_the_balancer(fleet):
     assert status == 200 and body["ready"] is True
 
     # FunASR dialect on the balancer's FunASR port.
-    run = asyncio.run(run_funasr(f"ws://127.0.0.1:{fleet.lb.funasr_port}/", pcm16(JFK),
+    run = asyncio.run(run_funasr(f"ws://127.0.0.1:{fleet.lb.funasr_port}/", pcm16(JFK[:SIX_S]),
                                  {"mode": "offline", "wav_name": "jfk", "is_speaking": True}, speed=None, timeout=240))
     assert not run.errors(), run.messages
-    assert word_error_rate([JFK_TEXT], [run.text()]) <= 0.1, run.text()
+    assert heard_the_start(run.text()), run.text()
 
     # The HTTP API (OpenAI's transcriptions route) on the balancer's API port.
     name, data = encode(JFK[:SIX_S], "wav")
@@ -238,12 +231,7 @@ def test_funasr_api_and_audiosocket_ports_go_through_the_balancer(fleet):
 
     # Asterisk AudioSocket, plain TCP: the call reaches a replica (its call_started event).
     def started() -> float:
-        total = 0.0
-        for r in (fleet.a, fleet.b):
-            for line in http_get(r.port, "/metrics")[1].splitlines():
-                if line.startswith('chorus_call_events_total{type="call_started"}'):
-                    total += float(line.split()[-1])
-        return total
+        return sum(metric(r.port, "chorus_call_events_total", type="call_started") for r in (fleet.a, fleet.b))
 
     before = started()
     call = asyncio.run(audiosocket_call(fleet.lb.audiosocket_port, uuid.uuid4(), JFK[:SIX_S:2].copy(), 8000, speed=8.0,
@@ -302,22 +290,19 @@ def test_kill_9_closes_its_clients_and_a_reconnect_lands_on_the_survivor(fleet):
         survivor_client = next(c for c in clients if c.replica == "a")
         await victim.speak(JFK[: 3 * 16000], stop=False, tail_s=0.0)
         fleet.b.signal(signal.SIGKILL)
-        t0 = time.monotonic()
         try:
             await asyncio.wait_for(victim.reader, 10)  # a close, not a hang
         except asyncio.TimeoutError:
             pytest.fail("the client of the killed replica saw no close within 10 s")
-        closed_after = time.monotonic() - t0
         again = await open_client(fleet)  # straight away: before the health check has noticed
         await again.speak(JFK[:SIX_S], stop=True)
         await again.finish()
         await close_all([survivor_client])
-        return victim, again, closed_after
+        return victim, again
 
-    victim, again, closed_after = asyncio.run(main())
+    victim, again = asyncio.run(main())
     fleet.b.wait(10)
     assert victim.log.close_code not in (1000, 1001), victim.log.close_code  # abnormal: the replica died
-    assert closed_after < 10
     assert again.replica == "a"
     assert again.log.of("done") and heard_the_start(again.text()), again.text()
     fleet.lb.wait_up("chorus_ws", {"a"})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -28,12 +27,7 @@ from server.runners.paraformer.timestamps import token_times
 from server.runners.random_weights import write_paraformer_dir
 from tests.funasrclient import run_funasr
 from tests.serverharness import CLIPS, ServerThread, check_words, make_config, pcm16, read_clip, stream_audio
-from tests.test_funasr import free_port
-
-# The full-size equality test writes and loads a 0.9 GB model twice (ours and funasr's): 76 s and
-# 172 s in two runs on the shared 2-core machine, far over the suite's budget, so it runs only
-# when asked: CHORUS_FULL_SIZE_TESTS=1.
-FULL_SIZE = os.environ.get("CHORUS_FULL_SIZE_TESTS", "") not in ("", "0")
+from tests.ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +122,12 @@ def test_equals_funasr_generate_on_cut_and_quiet_audio(reference, runner: Parafo
     _assert_equals_funasr(reference, runner, [clips[0][:16000 * 3 + 77], clips[1][:9000], quiet], plain=False)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not FULL_SIZE, reason="full-size Paraformer (0.9 GB, 1-3 min here): set CHORUS_FULL_SIZE_TESTS=1")
+@pytest.mark.extended
 def test_full_size_equals_funasr(tmp_path_factory: pytest.TempPathFactory, clips: list[np.ndarray]) -> None:
-    """The released Paraformer-large architecture (50 + 16 blocks, width 512, 8404 tokens),
-    random weights: equal to funasr's generate on two clips batched together."""
+    """Extended (`pytest -m extended`: it writes and loads a 0.9 GB model twice, ours and
+    funasr's; 76 s and 172 s in two runs on the shared 2-core machine): the released
+    Paraformer-large architecture (50 + 16 blocks, width 512, 8404 tokens), random weights: equal
+    to funasr's generate on two clips batched together."""
     d = write_paraformer_dir(tmp_path_factory.mktemp("pf-full") / "paraformer-large", scale="full", seed=3)
     r = ParaformerRunner(RunnerConfig(name="paraformer", model=str(d), device="cpu", warmup=False))
     r.load()
@@ -306,6 +301,7 @@ def test_another_model_class_is_refused_with_its_runner_named(model_dir: Path, t
         assert other in msg and hint in msg
 
 
+@pytest.mark.timing  # "fast": a bound on wall time
 def test_hub_id_offline_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHORUS_OFFLINE", "1")
     started = time.perf_counter()

@@ -19,9 +19,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from server.audio.codecs import encode
-from server.wer import normalize_text, word_error_rate
+from server.wer import normalize_text
 from tests.realtimeclient import RealtimeClient, beta_update, ga_update
-from tests.serverharness import DATA, TRANSCRIPTS, ServerThread, make_config, pcm16, read_clip
+from tests.serverharness import DATA, ServerThread, make_config, pcm16, read_clip
+from tests.serverharness import clip_wer as wer
+from tests.waiting import async_wait_until
 
 JFK = DATA / "jfk.wav"
 SHORT = DATA / "sense_and_sensibility_01_austen_64kb-0880.wav"  # 3.0 s
@@ -41,10 +43,6 @@ def audio(path, rate: int, encoding: str = "pcm_s16le", lead_s: float = 0.3, tai
     return pcm16(x) if encoding == "pcm_s16le" else encode(x, encoding)
 
 
-def wer(path, text: str) -> float:
-    return word_error_rate([TRANSCRIPTS[path.name]], [text])
-
-
 @pytest.fixture(scope="module")
 def srv(whisper_runner, tmp_path_factory):
     tokens = tmp_path_factory.mktemp("rt") / "tokens"
@@ -52,6 +50,11 @@ def srv(whisper_runner, tmp_path_factory):
     with ServerThread(make_config(**{"server.auth_tokens_file": str(tokens)}), whisper_runner) as s:
         s.rt_url = f"ws://127.0.0.1:{s.app.port}/v1/realtime?intent=transcription"
         yield s
+
+
+def fed_s(srv: ServerThread) -> float:
+    """Seconds of audio the server's sessions have been fed (in-process)."""
+    return srv.app.metrics.registry.get_sample_value("chorus_audio_seconds_total") or 0.0
 
 
 def check_events(c: RealtimeClient) -> None:
@@ -92,16 +95,18 @@ def check_items(c: RealtimeClient, vad: bool) -> list[dict]:
     return done
 
 
+@pytest.mark.timing
 def test_24khz_pcm16_at_real_time_pace_with_server_vad(srv):
     """The GA form, as OpenAI's transcription guide configures it: speech_started while the clip
-    plays, live deltas before its end, then speech_stopped, committed and completed per turn."""
+    plays, live deltas before its end, then speech_stopped, committed and completed per turn.
+    The suite's one paced Realtime stream (deltas while the speaker speaks: it runs alone)."""
     async def main():
         async with RealtimeClient(srv.rt_url, token=TOKEN) as c:
             await c.wait_type("session.created")
             await c.send({**ga_update(language="en", turn_detection={"type": "server_vad", "silence_duration_ms": 500}),
                           "event_id": "cfg1"})
             await c.wait_type("session.updated")
-            sent = await c.stream(audio(JFK, 24000), 24000, 2, chunk_ms=100, speed=1.5)
+            sent = await c.stream(audio(JFK, 24000), 24000, 2, chunk_ms=100, speed=1.0)
             await c.wait_for(lambda c: len(c.of(COMPLETED)) >= 2 and not c.of("input_audio_buffer.speech_started")[2:],
                              timeout=30)
             return c, sent
@@ -220,7 +225,7 @@ def test_bad_events_get_errors_the_session_goes_on_and_a_concurrent_one_is_untou
     async def good():
         async with RealtimeClient(srv.rt_url, token=TOKEN) as c:
             await c.send(ga_update(language="en"))
-            await c.stream(audio(SHORT, 24000), 24000, 2, speed=2.0)
+            await c.stream(audio(SHORT, 24000), 24000, 2, speed=4.0)  # still arriving while the bad events come
             await c.wait_type(COMPLETED, timeout=30)
             return c
 
@@ -318,8 +323,10 @@ def test_drain_delivers_an_uncommitted_manual_turn(whisper_runner):
             async with RealtimeClient(f"ws://127.0.0.1:{s.app.port}/v1/realtime?intent=transcription") as c:
                 await c.send(ga_update(turn_detection=None))
                 await c.wait_type("session.updated")
-                await c.stream(audio(OTHER, 24000, tail_s=0.2), 24000, 2, speed=None)
-                await asyncio.sleep(0.3)
+                pcm = audio(OTHER, 24000, tail_s=0.2)
+                await c.stream(pcm, 24000, 2, speed=None)
+                # Every append reached the session (audio seconds fed) before the drain begins.
+                await async_wait_until(lambda: fed_s(s) >= len(pcm) / 48000 - 0.1, 30, what="the turn's audio fed")
                 stopping = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(s.app.stop(), s.loop))
                 await c.wait_type(COMPLETED, timeout=30)
                 await stopping

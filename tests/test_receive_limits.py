@@ -30,8 +30,9 @@ from websockets.asyncio.client import connect
 from client_demo.pacing import send_paced
 from tests.faultrunner import FaultyRunner
 from server.wer import word_error_rate
-from tests.test_funasr import free_port
+from tests.ports import free_port
 from tests.serverharness import DATA, TRANSCRIPTS, ServerThread, make_config, pcm16, read_clip
+from tests.waiting import async_wait_until
 
 MiB = 1 << 20
 JFK = DATA / "jfk.wav"
@@ -64,7 +65,15 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-async def held_attacker(url: str, greet: list[str], frame: int) -> tuple[int, int, int]:
+def holding(srv: ServerThread, ws) -> bool:
+    """The server holds this client's connection: it stopped reading it (backpressure)."""
+    try:
+        return any(c._holding and c.ws.remote_address == ws.local_address for c in list(srv.app.connections))
+    except RuntimeError:  # the set changed size while copied (the server's loop runs meanwhile): ask again
+        return False
+
+
+async def held_attacker(srv: ServerThread, url: str, greet: list[str], frame: int) -> tuple[int, int, int]:
     """Open a connection, get it held (speech, then a pause: its final waits for the hung model),
     then flood frames of ``frame`` bytes until TCP stops taking them. Returns (frames sent, the
     process's RSS growth at the stall less this client's unsent bytes, RSS before the flood)."""
@@ -75,7 +84,8 @@ async def held_attacker(url: str, greet: list[str], frame: int) -> tuple[int, in
             await ws.send(text)
         # One message, so that the frames waiting when the server stops reading are the flood's.
         await ws.send(speech)
-        await asyncio.sleep(1.0)  # the server reads it, cuts the segment and holds the connection
+        # The server reads it, cuts a segment whose final waits for the hung model, and holds the connection.
+        await async_wait_until(lambda: holding(srv, ws), 30, what="the attacker's connection held")
         before = rss()
         sent = 0
 
@@ -138,7 +148,7 @@ def test_a_client_the_server_is_not_reading_cannot_make_it_buffer_more_than_the_
     model.hang()
     try:
         t = honest_session(srv, honest)
-        sent, grown, _ = asyncio.run(held_attacker(url, greet, frame))
+        sent, grown, _ = asyncio.run(held_attacker(srv, url, greet, frame))
     finally:
         model.release()
     t.join(180)

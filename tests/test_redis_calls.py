@@ -25,14 +25,17 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.fleet import Replica, free_port
+from tests.fleet import Replica
+from tests.ports import free_port
+from tests.scrape import metric
 from tests.serverharness import ADMISSION_OFF, DATA
 from tests.telephony import at_8k, clips_8k
 from tests.twilioclient import twilio_call
+from tests.waiting import async_wait_until, wait_until
 from tests.webhookreceiver import WebhookReceiver
 
 REDIS = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None)
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     REDIS is None,
     reason="SKIPPED: redis-server is not installed, so call events across replicas cannot be tested "
            "(scripts/setup.sh installs Debian's redis-server when run as root; or: apt-get install redis-server)",
@@ -55,17 +58,22 @@ class RedisServer:
         import redis
 
         client = redis.Redis(port=self.port, socket_timeout=1)
-        deadline = time.monotonic() + 15
-        while True:
+
+        def answers() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError("redis-server exited at startup")
             try:
-                client.ping()
-                break
+                return bool(client.ping())
             except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.close()
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.05)
-        client.close()
+                return False
+
+        try:
+            wait_until(answers, 15, 0.05, "redis-server answers PING")
+        except (AssertionError, RuntimeError):
+            self.close()
+            raise
+        finally:
+            client.close()
 
     @property
     def url(self) -> str:
@@ -128,19 +136,22 @@ def test_a_subscriber_on_another_replica_follows_the_call_and_its_history(fleet)
     a, b, rx = fleet
     call = "CA" + uuid.uuid4().hex
 
+    partials_before = metric(a.port, "chorus_requests_total", kind="partial")
+
     async def main():
         ready = asyncio.Event()
         live = asyncio.create_task(follow(b, call, ready))
         await ready.wait()
         run = await twilio_call(f"ws://127.0.0.1:{a.port}/v1/twilio", call,
                                 {"inbound": clips_8k(CALLER), "outbound": clips_8k([CALLEE], lead_s=3.0)},
-                                speed=2.0, dtmf_at_ms={1000: "5"})
+                                speed=4.0, dtmf_at_ms={1000: "5"})
         first, events, code = await live
         # Late, once the call ended: on the other replica (from Redis) and on the owner (in process).
         late_b, late_a = await asyncio.gather(follow(b, call), follow(a, call))
         return run, first, events, code, late_b, late_a
 
     run, first, events, code, late_b, late_a = asyncio.run(main())
+    partials_made = metric(a.port, "chorus_requests_total", kind="partial") - partials_before
     assert run.close_code == 1000
     assert first == {"type": "subscribed", "call_id": call}
     assert code == 1000
@@ -150,8 +161,10 @@ def test_a_subscriber_on_another_replica_follows_the_call_and_its_history(fleet)
     assert {e["track"] for e in finals} == {"inbound", "outbound"}
     assert "ask not what your country" in " ".join(e["text"].lower() for e in finals)
     assert [e["digit"] for e in events if e["type"] == "dtmf"] == ["5"]
-    # A subscriber on b made the owner decode partials (nobody on a watched the call).
-    assert any(e["type"] == "partial" for e in events)
+    # A subscriber on b made the owner decode partials (nobody on a watched the call, and the
+    # webhook takes none): counted as a decodes asks for them, whether or not one comes back
+    # before its segment's final on a busy machine.
+    assert partials_made > 0
 
     # The late subscribers: the history, the same on both replicas, is every event but partials.
     history = [e for e in events if e["type"] != "partial"]
@@ -168,6 +181,7 @@ def test_a_subscriber_on_another_replica_follows_the_call_and_its_history(fleet)
     assert len(requests) == len(history) and all(r.signature_ok for r in requests)
 
 
+@pytest.mark.timing  # how soon the call ends elsewhere (docs/deploy.md: within 8 s)
 def test_a_lost_replica_ends_its_calls_for_subscribers_elsewhere(fleet):
     a, b, rx = fleet
     call = "CA" + uuid.uuid4().hex
@@ -179,11 +193,10 @@ def test_a_lost_replica_ends_its_calls_for_subscribers_elsewhere(fleet):
         await ready.wait()
         caller = asyncio.create_task(twilio_call(f"ws://127.0.0.1:{a.port}/v1/twilio", call,
                                                  {"inbound": long_speech}, speed=2.0))
-        # Mid-call: once b's subscriber has seen a final, the replica holding the call dies.
-        deadline = time.monotonic() + 60
-        while not rx.events_for(call) or not any(e["type"] == "final" for e in rx.events_for(call)):
-            assert time.monotonic() < deadline, "no final from the call in 60 s"
-            await asyncio.sleep(0.1)
+        # Mid-call: once the webhook has a final of the call, the replica holding it dies.
+        await async_wait_until(lambda: any(e["type"] == "final" for e in rx.events_for(call)), 60, 0.1,
+                               "a final from the call")
+        assert not caller.done()  # still streaming
         a.signal(signal.SIGKILL)
         killed_at = time.monotonic()
         first, events, code = await live

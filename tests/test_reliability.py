@@ -13,14 +13,12 @@ import asyncio
 import json
 import logging
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +28,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from client_demo.pacing import send_paced
 from server.app import ChorusServer
 from tests.faultrunner import FaultyRunner
-from tests.serverharness import DATA, ServerThread, StreamLog, make_config, pcm16, read_clip
+from tests.ports import free_port
+from tests.serverharness import DATA, ServerThread, StreamLog, handshake, make_config, pcm16, read_clip
+from tests.waiting import async_wait_until, wait_until
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).parent.parent
@@ -94,21 +94,7 @@ async def speak_and_stop(url: str, audio: np.ndarray, speed: float, timeout: flo
     return out
 
 
-async def refused_status(url: str) -> tuple[int, Any, dict]:
-    with pytest.raises(InvalidStatus) as info:
-        async with connect(url):
-            pass
-    resp = info.value.response
-    return resp.status_code, resp.headers, json.loads(resp.body or b"{}")
-
-
 # ---------------------------------------------------------------------- shutdown
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sigterm_finalises_the_open_segment_and_delivers_every_final(tmp_path):
@@ -124,31 +110,25 @@ def test_sigterm_finalises_the_open_segment_and_delivers_every_final(tmp_path):
         stdout=subprocess.DEVNULL, stderr=errlog,
     )
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
             try:
-                if http_get(port, "/healthz")[0] == 200:
-                    break
+                return http_get(port, "/healthz")[0] == 200
             except OSError:
-                pass
-            time.sleep(0.3)
-        else:
-            pytest.fail("server not ready in 180 s")
+                return False
+
+        wait_until(ready, 180, 0.3, "chorus serve answers /healthz 200")
 
         async def main() -> tuple[StreamLog, float]:
             out = StreamLog()
             signalled: list[float] = []
-            finals = 0
 
             def watch(m: dict) -> None:
-                nonlocal finals
-                if m["type"] == "final":
-                    finals += 1
-                # Mid-sentence: the second segment has started and is still open.
-                if m["type"] == "speech_started" and finals >= 1 and not signalled:
+                # Mid-sentence: the second segment has started and is still open (0.4 s of
+                # audio later, at the 2x pace below).
+                if m["type"] == "speech_started" and m["segment_id"] >= 1 and not signalled:
                     async def later() -> None:
-                        await asyncio.sleep(0.4)
+                        await asyncio.sleep(0.2)
                         proc.send_signal(signal.SIGTERM)
                         signalled.append(time.monotonic())
                     asyncio.get_running_loop().create_task(later())
@@ -156,8 +136,9 @@ def test_sigterm_finalises_the_open_segment_and_delivers_every_final(tmp_path):
             async with connect(f"ws://127.0.0.1:{port}/v1/stream?language=en", max_size=None) as ws:
                 reader = asyncio.create_task(collect(ws, out, watch))
                 try:
-                    # Real-time pace, and no stop: the server must end this session by itself.
-                    await send_paced(ws, np.concatenate([silence(0.5), JFK, silence(3.0)]), 16000, 100, 1.0, encode=pcm16)
+                    # Audio keeps coming (2x real time), and no stop: the server must end this
+                    # session by itself.
+                    await send_paced(ws, np.concatenate([silence(0.5), JFK, silence(3.0)]), 16000, 100, 2.0, encode=pcm16)
                 except ConnectionClosed:
                     pass
                 await asyncio.wait_for(reader, 60)
@@ -185,7 +166,8 @@ def test_sigterm_finalises_the_open_segment_and_delivers_every_final(tmp_path):
 def test_drain_under_load_refuses_newcomers_and_loses_nothing(whisper_runner):
     """Graceful stop while three sessions are mid-stream on a slow model: new handshakes get
     503 (reason draining) and /healthz 503, every session gets all its finals, `done`, close
-    1001; the event loop keeps answering while the worker finishes (its join is not on the loop)."""
+    1001; the event loop keeps answering while the worker finishes (its join is not on the loop:
+    /healthz is answered before the worker's last model call has returned)."""
     runner = FaultyRunner(whisper_runner)
     cfg = make_config(**{"batcher.partial_interval_ms": 0, "server.shutdown_timeout_s": 60})
     with ServerThread(cfg, runner) as srv:
@@ -193,8 +175,7 @@ def test_drain_under_load_refuses_newcomers_and_loses_nothing(whisper_runner):
         clips = [JFK, read_clip(DATA / "sense_and_sensibility_01_austen_64kb-0870.wav"),
                  read_clip(DATA / "sense_and_sensibility_01_austen_64kb-0890.wav")]
 
-        async def client(audio: np.ndarray, speaking: asyncio.Event) -> StreamLog:
-            out = StreamLog()
+        async def client(audio: np.ndarray, speaking: asyncio.Event, out: StreamLog) -> StreamLog:
             async with connect(srv.url + "?language=en", max_size=None) as ws:
                 reader = asyncio.create_task(collect(ws, out, lambda m: m["type"] == "final" and speaking.set()))
                 try:
@@ -206,23 +187,27 @@ def test_drain_under_load_refuses_newcomers_and_loses_nothing(whisper_runner):
 
         async def main():
             events = [asyncio.Event() for _ in clips]
-            tasks = [asyncio.create_task(client(a, e)) for a, e in zip(clips, events)]
+            outs = [StreamLog() for _ in clips]
+            tasks = [asyncio.create_task(client(a, e, o)) for a, e, o in zip(clips, events, outs)]
+            # Every session has had a final and is still streaming (its speech or its 5 s tail).
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
-            await asyncio.sleep(0.3)  # every session is mid-stream, finals queued on the slow model
             stopping = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(srv.app.stop(), srv.loop))
-            await asyncio.sleep(0.1)
-            t0 = time.monotonic()
+            at_stop[:] = [len(o.messages) for o in outs]
+            await async_wait_until(lambda: srv.app.draining, 10, what="the server is draining")
             health = await asyncio.to_thread(http_get, srv.app.port, "/healthz")
-            health_s = time.monotonic() - t0
-            refused = await refused_status(srv.url)
+            health_at = time.monotonic()
+            refused = await handshake(srv.url)
             logs = await asyncio.gather(*tasks)
             await stopping
-            return logs, health, health_s, refused
+            return logs, health, health_at, refused
 
-        logs, health, health_s, refused = asyncio.run(main())
-    assert refused[0] == 503 and refused[2]["reason"] == "draining", refused
+        at_stop: list[int] = []
+        logs, health, health_at, refused = asyncio.run(main())
+    # The drain had work to do: finals were still to come when the stop began.
+    assert any(m["type"] == "final" for out, n in zip(logs, at_stop) for m in out.messages[n:]), at_stop
+    assert refused.status == 503 and refused.body["reason"] == "draining", refused
     assert health[0] == 503 and health[2]["draining"] is True, health
-    assert health_s < 2.0, health_s
+    assert health_at < runner.last_return, "/healthz was answered only once the worker had finished"
     for out in logs:
         types = [m["type"] for m in out.messages]
         assert out.close_code == 1001, (out.close_code, types)
@@ -231,22 +216,21 @@ def test_drain_under_load_refuses_newcomers_and_loses_nothing(whisper_runner):
         assert all(f["text"] and "error" not in f for f in out.of("final")), out.of("final")
 
 
+@pytest.mark.timing
 def test_stop_with_a_hung_worker_keeps_the_loop_free_and_ends_in_time(whisper_runner):
     """The worker is stuck in a model call at shutdown: stop() ends within its timeout and the
-    event loop is never blocked meanwhile (joining the worker thread once ran on the loop)."""
+    event loop is never blocked meanwhile (joining the worker thread once ran on the loop).
+    The stop is the thing tested, so the server is stopped here, not by ServerThread's exit."""
     runner = FaultyRunner(whisper_runner)
     srv = ServerThread(make_config(**{"batcher.watchdog_s": 0}), runner).__enter__()
+    stopped = False
     try:
         async def main():
             runner.hang()
             async with connect(srv.url + "?language=en", max_size=None) as ws:
                 await send_paced(ws, np.concatenate([silence(0.3), JFK[:48000], silence(1.0)]), 16000, 100, 8.0, encode=pcm16)
                 await ws.send(json.dumps({"type": "finalize"}))
-                for _ in range(50):  # the model call has started (and hangs)
-                    if runner.calls:
-                        break
-                    await asyncio.sleep(0.1)
-                assert runner.calls
+                await async_wait_until(lambda: runner.calls, 5, what="the model call has started (and hangs)")
 
         asyncio.run(main())
 
@@ -263,9 +247,13 @@ def test_stop_with_a_hung_worker_keeps_the_loop_free_and_ends_in_time(whisper_ru
             return time.monotonic() - t0, max(gaps)
 
         took, worst_gap = asyncio.run_coroutine_threadsafe(stop_and_tick(), srv.loop).result(30)
+        stopped = True
     finally:
         runner.release()
+        if not stopped:
+            asyncio.run_coroutine_threadsafe(srv.app.stop(timeout=3.0), srv.loop).result(30)
         srv.loop.call_soon_threadsafe(srv.loop.stop)
+        srv._thread.join(10)
     assert took < 5.0, took
     assert worst_gap < 0.5, f"event loop blocked for {worst_gap:.2f} s during stop"
 
@@ -316,7 +304,7 @@ def test_a_model_failing_every_call_turns_not_live_and_not_ready(whisper_runner,
             out = asyncio.run(speak_and_stop(srv.url, JFK, 8.0, 60))
         live = http_get(srv.app.port, "/livez")
         ready = http_get(srv.app.port, "/healthz")
-        refused = asyncio.run(refused_status(srv.url))
+        refused = asyncio.run(handshake(srv.url))
     errors = out.of("error")
     assert len(out.of("final")) >= 2 and lost_finals(out) == []
     assert all(f["text"] == "" and f["error"] == "internal" for f in out.of("final"))
@@ -325,13 +313,14 @@ def test_a_model_failing_every_call_turns_not_live_and_not_ready(whisper_runner,
     assert incident in caplog.text and "/srv/secret" in caplog.text
     assert live[0] == 503 and "failed in a row" in live[2]["reason"], live
     assert ready[0] == 503 and ready[2]["live"] is False and ready[2]["accepting"] is False, ready
-    assert refused[0] == 503 and refused[2]["reason"] == "broken", refused
+    assert refused.status == 503 and refused.body["reason"] == "broken", refused
 
 
 def test_a_hung_model_fails_waiting_finals_instead_of_hanging_and_recovers(whisper_runner):
     """A model call that never returns: after `watchdog_s` the waiting final fails with
     `model_unavailable` (the client gets its error final and `done` instead of waiting
-    forever), /livez says 503; once the call returns the server is live again."""
+    forever), /livez says 503; once the call returns the server is live again. The call hangs
+    until after the client got `done`, so that `done` can only have come from the watchdog."""
     runner = FaultyRunner(whisper_runner)
     cfg = make_config(**{"batcher.watchdog_s": 1.0, "batcher.partial_interval_ms": 0})
     with ServerThread(cfg, runner) as srv:
@@ -342,25 +331,20 @@ def test_a_hung_model_fails_waiting_finals_instead_of_hanging_and_recovers(whisp
             async with connect(srv.url + "?language=en", max_size=None) as ws:
                 reader = asyncio.create_task(collect(ws, out))
                 await send_paced(ws, np.concatenate([silence(0.3), JFK[:40000], silence(1.0)]), 16000, 100, 8.0, encode=pcm16)
-                t0 = time.monotonic()
                 await ws.send(json.dumps({"type": "stop"}))
                 await asyncio.wait_for(reader, 20)
-            return out, time.monotonic() - t0
+            return out
 
         try:
-            out, took = asyncio.run(main())
+            out = asyncio.run(main())
             live_hung = http_get(srv.app.port, "/livez")
         finally:
             runner.release()
-        for _ in range(50):
-            if http_get(srv.app.port, "/livez")[0] == 200:
-                break
-            time.sleep(0.1)
+        wait_until(lambda: http_get(srv.app.port, "/livez")[0] == 200, 30, 0.1, "live again once the call returned")
         live_after = http_get(srv.app.port, "/livez")
     assert [m["type"] for m in out.messages][-1] == "done"
     assert out.of("final") and lost_finals(out) == []
     assert all(f["error"] == "model_unavailable" for f in out.of("final")), out.of("final")
-    assert took < 10, took
     assert live_hung[0] == 503 and "watchdog" in live_hung[2]["reason"], live_hung
     assert live_after[0] == 200, live_after
 
@@ -400,10 +384,7 @@ def test_a_client_that_vanishes_mid_segment_costs_nobody_else(whisper_runner):
             return (await asyncio.gather(vanisher(), speak_and_stop(srv.url, JFK, 2.0, 60)))[1]
 
         out = asyncio.run(main())
-        for _ in range(50):
-            if srv.app.sessions == 0:
-                break
-            time.sleep(0.1)
+        wait_until(lambda: srv.app.sessions == 0, 5, what="the vanished session is freed")
         sessions, depth = srv.app.sessions, srv.metric("chorus_batcher_queue_depth")
     assert out.of("final") and lost_finals(out) == [] and out.close_code == 1000
     assert all(f["text"] for f in out.of("final"))
@@ -433,10 +414,7 @@ def test_concurrent_handshakes_cannot_overshoot_max_sessions(whisper_runner):
             return results, len(opened), during
 
         results, opened, during = asyncio.run(main())
-        for _ in range(50):
-            if srv.app.sessions == 0:
-                break
-            time.sleep(0.1)
+        wait_until(lambda: srv.app.sessions == 0, 5, what="every closed session is freed")
         after = srv.app.sessions
     refused = [r for r in results if isinstance(r[0], int)]
     assert opened == 3 and during == 3, (opened, during)
@@ -449,19 +427,16 @@ def test_per_address_limit(whisper_runner):
         async def main():
             a = await connect(srv.url)
             b = await connect(srv.url)
-            status, headers, body = await refused_status(srv.url)
+            refused = await handshake(srv.url)
             await a.close()
-            for _ in range(50):  # the slot is free once that connection has closed
-                if srv.app.sessions < 2:
-                    break
-                await asyncio.sleep(0.05)
+            await async_wait_until(lambda: srv.app.sessions < 2, 5, what="the slot is free once that connection has closed")
             c = await connect(srv.url)
             await b.close()
             await c.close()
-            return status, headers, body
+            return refused
 
-        status, headers, body = asyncio.run(main())
-    assert status == 429 and body["reason"] == "address_limit" and "Retry-After" in headers, (status, body)
+        refused = asyncio.run(main())
+    assert refused.status == 429 and refused.body["reason"] == "address_limit" and "Retry-After" in refused.headers, refused
 
 
 def test_capacity_aware_admission_refuses_newcomers_while_finals_wait(whisper_runner):
@@ -485,30 +460,29 @@ def test_capacity_aware_admission_refuses_newcomers_while_finals_wait(whisper_ru
                 reader = asyncio.create_task(collect(ws, out))
                 await send_paced(ws, audio, 16000, 100, 10.0, encode=pcm16)
                 await ws.send(json.dumps({"type": "finalize"}))
-                for _ in range(100):  # the backlog builds up
+                async def refusing() -> tuple | None:  # the backlog builds up
                     health = await asyncio.to_thread(http_get, srv.app.port, "/healthz")
-                    if health[0] == 503:
-                        seen["health"] = health
-                        seen["refused"] = await refused_status(srv.url)
-                        break
-                    await asyncio.sleep(0.1)
+                    return health if health[0] == 503 else None
+
+                seen["health"] = await async_wait_until(refusing, 30, 0.1, "finals wait long enough to refuse newcomers")
+                seen["refused"] = await handshake(srv.url)
                 await ws.send(json.dumps({"type": "stop"}))
                 await asyncio.wait_for(reader, 90)
             runner.delay_s = 0.0
-            for _ in range(100):  # the 5 s window of recent waits passes
-                if (await asyncio.to_thread(http_get, srv.app.port, "/healthz"))[0] == 200:
-                    break
-                await asyncio.sleep(0.2)
+
+            async def accepting() -> bool:  # the 5 s window of recent waits passes
+                return (await asyncio.to_thread(http_get, srv.app.port, "/healthz"))[0] == 200
+
+            await async_wait_until(accepting, 20, 0.2, "accepting again once the backlog cleared")
             async with connect(srv.url) as ws:
                 seen["admitted_after"] = True
             return out, seen
 
         out, seen = asyncio.run(main())
-    assert "health" in seen, "finals never waited long enough to refuse anyone"
     status, _, body = seen["health"]
     assert status == 503 and body["accepting"] is False and body["live"] is True, body
-    code, headers, rbody = seen["refused"]
-    assert code == 503 and rbody["reason"] == "capacity" and int(headers["Retry-After"]) >= 1, seen["refused"]
+    refused = seen["refused"]
+    assert refused.status == 503 and refused.body["reason"] == "capacity" and int(refused.headers["Retry-After"]) >= 1, refused
     assert len(out.of("final")) >= 3 and lost_finals(out) == []
     assert all(f["text"] for f in out.of("final"))
     assert seen.get("admitted_after")
@@ -531,18 +505,20 @@ def test_client_cannot_raise_max_segment_ms_above_the_operators(whisper_runner):
 
 
 def test_keepalive_does_not_extend_a_session_past_max_session_s(whisper_runner):
-    """A client that only sends keepalives is closed at max_session_s (1008, session_limit)."""
+    """A client that only sends keepalives, one every 0.1 s for 10 s, is closed at max_session_s
+    (1008, session_limit) long before it is done sending them."""
     cfg = make_config(**{"server.max_session_s": 1.5})
+    sent = 0
     with ServerThread(cfg, whisper_runner) as srv:
         async def keepalives(ws) -> None:
+            nonlocal sent
             for _ in range(100):
                 await ws.send(json.dumps({"type": "keepalive"}))
+                sent += 1
                 await asyncio.sleep(0.1)
 
-        t0 = time.monotonic()
         out = asyncio.run(session_until_closed(srv.url, keepalives, 10))
-        took = time.monotonic() - t0
-    assert out.close_code == 1008 and took < 5, (out.close_code, took)
+    assert out.close_code == 1008 and sent < 100, (out.close_code, sent)
     assert [e["code"] for e in out.of("error")] == ["session_limit"]
 
 
@@ -593,14 +569,14 @@ def test_load_errors_reach_clients_without_their_text(whisper_runner, caplog):
                 await app._load_task
             health = await asyncio.to_thread(http_get, app.port, "/healthz")
             live = await asyncio.to_thread(http_get, app.port, "/livez")
-            refused = await refused_status(f"ws://127.0.0.1:{app.port}/v1/stream")
+            refused = await handshake(f"ws://127.0.0.1:{app.port}/v1/stream")
             return health, live, refused
         finally:
             await app.stop()
 
     with caplog.at_level(logging.ERROR):
         health, live, refused = asyncio.run(main())
-    for status, _, body in (health, live, refused):
+    for status, _, body in (health, live, (refused.status, refused.headers, refused.body)):
         assert status == 503 and "/srv/secret" not in json.dumps(body), body
     assert "incident" in health[2]["error"]
     incident = health[2]["error"].split("incident ")[1].split(";")[0]

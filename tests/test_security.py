@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 from websockets.datastructures import Headers
-from websockets.exceptions import InvalidMessage, InvalidStatus
+from websockets.exceptions import InvalidMessage
 from websockets.http11 import Request
 
 from client_demo.pacing import send_paced
@@ -27,8 +27,7 @@ from server.cli import _config, build_parser
 from server.config import ConfigError, ServerConfig
 from server.transport import access
 from server.transport.access import AccessPolicy, ssl_context
-from server.wer import word_error_rate
-from tests.serverharness import DATA, TRANSCRIPTS, ServerThread, make_config, pcm16, read_clip
+from tests.serverharness import DATA, ServerThread, clip_wer, handshake, make_config, pcm16, read_clip
 
 FILE_TOKEN = "file-token-7Qx2"
 ENV_TOKEN = "env-token-9Zk4"
@@ -392,20 +391,6 @@ async def open_and_stop(url: str, start: bool = True, **kw) -> list[dict]:
     return messages
 
 
-def handshake_status(url: str, **kw) -> tuple[int, dict]:
-    async def go():
-        try:
-            await open_and_stop(url, **kw)
-        except InvalidStatus as e:
-            return e.response.status_code, json.loads(e.response.body), e.response.headers
-        return 101, {}, {}
-
-    status, payload, headers = asyncio.run(go())
-    if status != 101:
-        assert headers["Content-Type"] == "application/json"
-    return status, payload
-
-
 def streams(url: str, start: bool = True, **kw) -> bool:
     messages = asyncio.run(open_and_stop(url, start, **kw))
     assert [m["type"] for m in messages] == ["ready", "done"], messages
@@ -426,10 +411,10 @@ def auth_srv(whisper_runner, tmp_path_factory):
 
 
 def test_socket_token_required(auth_srv):
-    status, payload = handshake_status(auth_srv.url)
-    assert status == 401 and payload["error"] == "unauthorized"
-    assert handshake_status(auth_srv.url, additional_headers={"Authorization": "Bearer wrong"})[0] == 401
-    assert handshake_status(auth_srv.url + "?token=wrong")[0] == 401
+    h = asyncio.run(handshake(auth_srv.url))
+    assert h.status == 401 and h.body["error"] == "unauthorized" and h.headers["Content-Type"] == "application/json", h
+    assert asyncio.run(handshake(auth_srv.url, additional_headers={"Authorization": "Bearer wrong"})).status == 401
+    assert asyncio.run(handshake(auth_srv.url + "?token=wrong")).status == 401
     assert streams(auth_srv.url, additional_headers={"Authorization": f"Bearer {FILE_TOKEN}"})
     assert streams(auth_srv.url, additional_headers={"Authorization": f"Bearer {ENV_TOKEN}"})
     assert streams(f"{auth_srv.url}?token={ENV_TOKEN}")
@@ -464,9 +449,9 @@ def test_socket_metrics_token(whisper_runner, monkeypatch):
 
 def test_socket_origins(auth_srv):
     auth = {"additional_headers": {"Authorization": f"Bearer {ENV_TOKEN}"}}
-    status, payload = handshake_status(auth_srv.url, origin="https://evil.example", **auth)
-    assert status == 403 and payload["error"] == "forbidden_origin"
-    assert handshake_status(auth_srv.url, origin=f"https://127.0.0.1:{auth_srv.app.port}", **auth)[0] == 403
+    h = asyncio.run(handshake(auth_srv.url, origin="https://evil.example", **auth))
+    assert h.status == 403 and h.body["error"] == "forbidden_origin" and h.headers["Content-Type"] == "application/json", h
+    assert asyncio.run(handshake(auth_srv.url, origin=f"https://127.0.0.1:{auth_srv.app.port}", **auth)).status == 403
     assert streams(auth_srv.url, origin=f"http://127.0.0.1:{auth_srv.app.port}", **auth)  # its own page
     assert streams(auth_srv.url, origin=LISTED, **auth)
     assert streams(auth_srv.url, **auth)  # no Origin: not a browser
@@ -477,8 +462,8 @@ def test_token_never_logged(auth_srv, caplog):
     assert streams(f"{auth_srv.url}?token={ENV_TOKEN}")
     assert streams(auth_srv.url, additional_headers={"Authorization": f"Bearer {FILE_TOKEN}"})
     wrong = "wrong-token-Jd83"
-    assert handshake_status(f"{auth_srv.url}?token={wrong}")[0] == 401
-    assert handshake_status(auth_srv.url, additional_headers={"Authorization": f"Bearer {wrong}"})[0] == 401
+    assert asyncio.run(handshake(f"{auth_srv.url}?token={wrong}")).status == 401
+    assert asyncio.run(handshake(auth_srv.url, additional_headers={"Authorization": f"Bearer {wrong}"})).status == 401
     server_records = [r for r in caplog.records if not r.name.startswith("websockets.client")]
     text = "\n".join(r.getMessage() for r in server_records)
     assert "GET /v1/stream" in text, "the test must see websockets' request-line debug log"
@@ -520,7 +505,7 @@ def test_tls_stream(tls_srv, cert_pair):
     messages = asyncio.run(go())
     finals = [m for m in messages if m["type"] == "final"]
     assert finals and messages[-1]["type"] == "done"
-    assert word_error_rate([TRANSCRIPTS[clip.name]], [" ".join(f["text"] for f in finals)]) <= 0.2
+    assert clip_wer(clip, " ".join(f["text"] for f in finals)) <= 0.2
     # https:// on the same port; plain ws:// is not served.
     status, _, text = http_get(f"https://localhost:{port}/healthz", context=client_ctx)
     assert status == 200 and json.loads(text)["ready"]

@@ -301,6 +301,7 @@ def test_missing_config_yaml_is_refused(model_dir: Path, tmp_path: Path) -> None
     assert "config.yaml" in _load_error(str(d))[0]
 
 
+@pytest.mark.timing  # "fast": a bound on wall time
 def test_hub_id_offline_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHORUS_OFFLINE", "1")
     msg, took = _load_error("iic/SenseVoiceSmall")
@@ -308,15 +309,13 @@ def test_hub_id_offline_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     assert took < 2.0
 
 
+@pytest.mark.timing  # "fast": a bound on wall time
 def test_unreachable_hub_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without CHORUS_OFFLINE the probe itself must fail fast (here: a closed local port)."""
-    import socket
-
     from server.runners.sensevoice import model_dir as md
+    from tests.ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
+    closed_port = free_port()  # nothing listens there
     monkeypatch.delenv("CHORUS_OFFLINE", raising=False)
     monkeypatch.setattr(md, "HUB_HOST", ("127.0.0.1", closed_port))
     msg, took = _load_error("iic/SenseVoiceSmall")

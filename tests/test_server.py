@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
 
 from server.wer import normalize_text, word_error_rate
-from tests.serverharness import CLIPS, TRANSCRIPTS, ServerThread, check_words, read_clip, stream_audio, make_config
+from tests.scrape import sample
+from tests.serverharness import CLIPS, TRANSCRIPTS, ServerThread, check_words, clip_wer, handshake, read_clip, stream_audio, make_config
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +56,27 @@ def check_stream_invariants(log, audio_ms: int) -> None:
     assert log.close_code == 1000
 
 
-def test_concurrent_clips_faster_than_real_time(srv):
-    """All six clips at once, 2x real time: accurate finals, ordered, no partial after its final,
-    batched. That is about 12x the audio this 2-core CPU decodes in real time with beam-search
-    finals, so partials thin out by design (finals first; a partial whose segment has ended by
-    the time it is decoded is dropped) and may not come at all: that partials do come is held by
-    test_finals_carry_words_and_partials_only_when_asked, one session at real time."""
+@pytest.fixture(scope="module")
+def six_clips(srv):
+    """All six clips streamed at once, 2x real time, to the module's server (once per module:
+    several tests assert on it), with the metrics page read right after."""
     batches_before = srv.app.batcher.batches_run
 
     async def main():
         return await asyncio.gather(*[stream_audio(srv.url, read_clip(c), speed=2.0) for c in CLIPS])
 
     logs = asyncio.run(main())
+    _, text = srv.http("/metrics")
+    return logs, srv.app.batcher.batches_run - batches_before, text
+
+
+def test_concurrent_clips_faster_than_real_time(six_clips):
+    """All six clips at once, 2x real time: accurate finals, ordered, no partial after its final.
+    That is about 12x the audio this 2-core CPU decodes in real time with beam-search finals, so
+    partials thin out by design (finals first; a partial whose segment has ended by the time it
+    is decoded is dropped) and may not come at all: that partials do come is held by
+    test_finals_carry_words_and_partials_only_when_asked, at real time."""
+    logs, _, _ = six_clips
     refs, hyps = [], []
     for clip, log in zip(CLIPS, logs):
         audio_ms = int((len(read_clip(clip)) / 16000 + 1.5) * 1000)
@@ -84,24 +93,35 @@ def test_concurrent_clips_faster_than_real_time(srv):
     for r, h in zip(refs, hyps):
         print(f"  ref: {normalize_text(r)}\n  hyp: {normalize_text(h)}")
     assert wer <= 0.06
-    # Several sessions speaking at once must have shared model calls.
-    assert srv.app.batcher.batches_run > batches_before
-    _, text = srv.http("/metrics")
-    count = float(next(l.split()[1] for l in text.splitlines() if l.startswith("chorus_batch_size_count")))
-    total = float(next(l.split()[1] for l in text.splitlines() if l.startswith("chorus_batch_size_sum")))
-    le1 = float(next(l.split()[1] for l in text.splitlines() if l.startswith('chorus_batch_size_bucket{le="1.0"}')))
+
+
+def test_concurrent_sessions_share_model_calls(six_clips):
+    """Several sessions speaking at once must have shared model calls."""
+    _, batches_run, text = six_clips
+    assert batches_run > 0
+    count, total = sample(text, "chorus_batch_size_count"), sample(text, "chorus_batch_size_sum")
+    le1 = sample(text, "chorus_batch_size_bucket", le="1.0")
     assert count > 0 and total / count > 1.0 and le1 < count, "no batch larger than one"
-    # Where the time goes: every stage of the data path is accounted for.
-    stages = {m.group(1): float(m.group(2)) for m in re.finditer(r'^chorus_stage_seconds_total\{stage="(\w+)"\} (\S+)$', text, re.M)}
-    assert {"decode", "vad", "send", "features", "encoder", "decoder", "postprocess"} <= {k for k, v in stages.items() if v > 0}, stages
-    lag_count = float(re.search(r"^chorus_event_loop_lag_seconds_count (\S+)$", text, re.M).group(1))
-    assert lag_count > 0 and re.search(r"^process_cpu_seconds_total \S+$", text, re.M)
 
 
+def test_metrics_account_for_every_stage_of_the_data_path(six_clips):
+    """Where the time goes: every stage of the data path is accounted for, and the loop's lag
+    and the process's CPU time are exported."""
+    _, _, text = six_clips
+    stages = {"decode", "vad", "send", "features", "encoder", "decoder", "postprocess"}
+    assert all(sample(text, "chorus_stage_seconds_total", stage=st) > 0 for st in stages), \
+        {st: sample(text, "chorus_stage_seconds_total", stage=st) for st in stages}
+    assert sample(text, "chorus_event_loop_lag_seconds_count") > 0
+    assert sample(text, "process_cpu_seconds_total", default=None) is not None
+
+
+@pytest.mark.timing
 def test_finals_carry_words_and_partials_only_when_asked(srv):
-    """Every final has word timings (checked by check_stream_invariants); partials have none by
-    default and get them with partial_words; the first word of the clip starts after the
-    leading silence, near where the endpointer heard speech begin."""
+    """Partials come while someone speaks at real time (the claim about time: this test runs
+    with no other test beside it). Every final has word timings (checked by
+    check_stream_invariants); partials have none by default and get them with partial_words;
+    the first word of the clip starts after the leading silence, near where the endpointer
+    heard speech begin."""
     clip = read_clip(next(c for c in CLIPS if c.name == "jfk.wav"))
 
     # One at a time, at real time: each session has the model to itself, so partials come.
@@ -133,12 +153,8 @@ def test_disconnect_mid_segment_frees_resources_and_spares_others(srv):
 
     _, log = asyncio.run(main())
     hyp = " ".join(f["text"] for f in log.of("final"))
-    assert word_error_rate([TRANSCRIPTS[CLIPS[0].name]], [hyp]) <= 0.1, hyp
-    for _ in range(50):
-        if srv.app.sessions == 0:
-            break
-        asyncio.run(asyncio.sleep(0.1))
-    assert srv.app.sessions == 0
+    assert clip_wer(CLIPS[0], hyp) <= 0.1, hyp
+    wait_until(lambda: srv.app.sessions == 0, 5, what="the vanished client's session is freed")
     assert srv.metric("chorus_sessions_active") == 0
     assert srv.metric("chorus_batcher_queue_depth") == 0
 
@@ -166,20 +182,22 @@ def test_query_config_48k_float_audio(srv):
     ready = log.of("ready")[0]
     assert ready["config"]["sample_rate"] == 48000 and ready["config"]["encoding"] == "pcm_f32le"
     hyp = " ".join(f["text"] for f in log.of("final"))
-    assert word_error_rate([TRANSCRIPTS[clip.name]], [hyp]) <= 0.15, hyp
+    assert clip_wer(clip, hyp) <= 0.15, hyp
 
 
 def test_mulaw_8k_telephone_audio(srv):
     from server.audio.codecs import encode_mulaw
     from server.audio.resample import resample
 
-    jfk = read_clip(next(c for c in CLIPS if c.name == "jfk.wav"))
-    x8 = resample(jfk, 16000, 8000)
+    jfk_path = next(c for c in CLIPS if c.name == "jfk.wav")
+    x8 = resample(read_clip(jfk_path), 16000, 8000)
     log = asyncio.run(
         stream_audio(srv.url, x8, speed=4.0, rate=8000, start={"sample_rate": 8000, "encoding": "mulaw"}, encode=encode_mulaw)
     )
     hyp = normalize_text(" ".join(f["text"] for f in log.of("final")))
-    assert word_error_rate([TRANSCRIPTS["jfk.wav"]], [hyp]) <= 0.25, hyp
+    # The same clip at 16 kHz: WER 0; at 8 kHz mu-law, measured 1/22 ("america" for "americans",
+    # the band above 4 kHz gone). At most 2 of its 22 words wrong.
+    assert clip_wer(jfk_path, hyp) <= 0.1, hyp
 
 
 def test_bad_input_gets_structured_errors_and_session_survives(srv):
@@ -234,10 +252,7 @@ def test_require_config_limits_and_http_routes(strict_srv):
             m = json.loads(await asyncio.wait_for(ws.recv(), 10))
             assert m["type"] == "error" and m["code"] == "config_required" and m["fatal"] is False
             # The server is full (max_sessions=1): a second client is refused before the upgrade.
-            with pytest.raises(InvalidStatus) as err:
-                async with connect(strict_srv.url):
-                    pass
-            assert err.value.response.status_code == 503
+            assert (await handshake(strict_srv.url)).status == 503
             await ws.send(json.dumps({"type": "start", "language": "en"}))
             m = json.loads(await asyncio.wait_for(ws.recv(), 10))
             assert m["type"] == "ready" and m["config"]["language"] == "en"
@@ -269,10 +284,11 @@ def test_bad_query_is_fatal(srv):
 
 
 def test_flooding_client_is_slowed_by_backpressure_not_queued(srv):
-    """A client sending a minute of speech as fast as it can: the server stops reading it while
-    it has max_pending_finals segments queued, so the batcher never holds more than that."""
+    """A client sending half a minute of speech (more segments than max_pending_finals) as fast
+    as it can: the server stops reading it while it has max_pending_finals segments queued, so
+    the batcher never holds more than that."""
     gap = np.zeros(12800, np.float32)
-    order = CLIPS * 2
+    order = CLIPS
     audio = np.concatenate([part for c in order for part in (read_clip(c), gap)])
     limit = srv.app.config.server.max_pending_finals
     depths = []
@@ -291,6 +307,7 @@ def test_flooding_client_is_slowed_by_backpressure_not_queued(srv):
 
     log = asyncio.run(main())
     check_stream_invariants(log, int(len(audio) / 16000 * 1000) + 1500)
+    assert len(log.of("final")) > limit, "too few segments to fill the queue"
     assert max(depths) <= limit, f"batcher held {max(depths)} finals of one session (limit {limit})"
     hyp = " ".join(f["text"] for f in log.of("final"))
     ref = " ".join(TRANSCRIPTS[c.name] for c in order)

@@ -1,24 +1,34 @@
 """`chorus transcribe` on the file path (server/files/), in-process through server.cli.main:
 real clips in several codecs, a long recording, subtitles, progress, bad files, and
-`--server` against a real running server's HTTP API."""
+`--server` against a real running server's HTTP API.
+
+The CLI's model is the session's loaded Whisper runner, handed in through `server.cli._load_runner`
+(the same runner config the CLI builds; building and loading one is tests/test_cli.py's, which
+runs `chorus` as a process). The ~50 s long file is transcribed once per module; the subtitle
+test renders that same transcription through the CLI.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import io
 import json
 import re
-import socket
-import time
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
+import server.transport.api  # noqa: F401  the server's HTTP API, which `--server` talks to: a plain import, not a skip
+from server import cli
 from server.cli import main
+from server.files.client import LocalTranscriber
 from server.wer import word_error_rate
 from tests import audiofiles
+from tests.ports import free_port
 from tests.serverharness import CLIPS, TRANSCRIPTS, ServerThread, make_config, read_clip
+from tests.waiting import wait_until
 
 JFK = next(c for c in CLIPS if c.name == "jfk.wav")
 AUSTEN = [c for c in CLIPS if c.name != "jfk.wav"]
@@ -45,6 +55,38 @@ def long_file(tmp_path_factory) -> tuple[Path, list[tuple[str, float, float]]]:
     path = encode(tmp_path_factory.mktemp("long") / "long.mp3", np.concatenate(parts), "mp3")
     assert t > 45  # longer than Whisper's window, and than files.max_segment_s
     return path, spans
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loaded_model(whisper_runner):
+    """The CLI gets the session's loaded runner instead of building and loading its own, when
+    the config asks for the same model (anything else would not be what the CLI runs)."""
+    def load(config):
+        assert config.runner == whisper_runner.config, config.runner
+        return whisper_runner
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "_load_runner", load)
+        yield
+
+
+@pytest.fixture(scope="module")
+def long_run(long_file):
+    """`chorus transcribe --format verbose_json --progress` of the long file, once: (exit code,
+    stdout, stderr, the FileTranscript the file path returned)."""
+    path, _ = long_file
+    made: dict = {}
+    real = LocalTranscriber.transcribe
+
+    async def record(self, p, on_segment, duration_s):
+        made[(Path(p), self.options)] = t = await real(self, p, on_segment, duration_s)
+        return t
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setattr(LocalTranscriber, "transcribe", record)
+        code = main(["transcribe", "--language", "en", "--format", "verbose_json", "--progress", str(path)])
+    return code, out.getvalue(), err.getvalue(), made
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -95,9 +137,9 @@ def test_local_decodes_any_format(tmp_path, capsys):
     assert word_error_rate([refs[1]], [lines[0].split(": ", 1)[1]]) < 0.15, lines
 
 
-def test_long_file_segments_in_order_with_progress(long_file, capsys):
+def test_long_file_segments_in_order_with_progress(long_file, long_run):
     path, spans = long_file
-    code, out, err = run(capsys, "--language", "en", "--format", "verbose_json", "--progress", str(path))
+    code, out, err, _ = long_run
     assert code == 0, err
     body = json.loads(out)
     segments = [s for s in body["segments"] if s["text"]]
@@ -118,10 +160,23 @@ def test_long_file_segments_in_order_with_progress(long_file, capsys):
     assert shown == sorted(shown) and shown[-1] == 100, err
 
 
-def test_subtitles_are_well_formed(long_file, tmp_path, capsys):
+def test_subtitles_are_well_formed(long_file, long_run, tmp_path, capsys, monkeypatch):
     path, spans = long_file
+    made = long_run[3]
+    real = LocalTranscriber.transcribe
+    replayed = []
+
+    async def replay(self, p, on_segment, duration_s):
+        # The long file's transcription from `long_run` (same file, same item options: words on,
+        # language en); anything else goes to the model.
+        if (Path(p), self.options) in made:
+            replayed.append(p)
+            return made[(Path(p), self.options)]
+        return await real(self, p, on_segment, duration_s)
+
+    monkeypatch.setattr(LocalTranscriber, "transcribe", replay)
     code, out, err = run(capsys, "--language", "en", "--format", "srt", "--no-progress", str(path))
-    assert code == 0, err
+    assert code == 0 and replayed == [path], (err, replayed)
     assert not err
     blocks = out.strip().split("\n\n")
     assert len(blocks) >= len(spans)
@@ -175,24 +230,13 @@ def test_bad_files_fail_clearly(tmp_path, capsys):
     assert e.value.code == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("server.transport.api") is None,
-                    reason="server/transport/api.py (the server's HTTP API) is not written yet")
 def test_against_a_running_server(whisper_runner, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("CHORUS_TOKEN", raising=False)
     tokens = tmp_path / "tokens"
     tokens.write_text("s3cret\n")
     mp3 = encode(tmp_path / "austen.mp3", read_clip(AUSTEN[4]), "mp3")
     with ServerThread(make_config(**{"server.auth_tokens_file": str(tokens)}), whisper_runner) as server:
-        deadline = time.monotonic() + 60
-        while not server.app.ready:
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.05)
+        wait_until(lambda: server.app.ready, 60, what="server ready")
         url = f"http://127.0.0.1:{server.app.api_port}"
 
         code, out, err = run(capsys, "--server", url, "--token", "s3cret", "--language", "en", "-f", "verbose_json",
@@ -229,6 +273,6 @@ def test_against_a_running_server(whisper_runner, tmp_path, capsys, monkeypatch)
         assert f"error: {bad}: the server answered HTTP 400: the file could not be decoded" in err, err
         assert "country" in out
 
-    code, out, err = run(capsys, "--server", f"http://127.0.0.1:{_free_port()}", str(JFK), str(mp3))
+    code, out, err = run(capsys, "--server", f"http://127.0.0.1:{free_port()}", str(JFK), str(mp3))
     assert code == 1 and out == ""
     assert "cannot reach the server" in err and len(err.strip().splitlines()) == 1, err

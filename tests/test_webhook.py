@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import pytest
@@ -16,6 +15,8 @@ import pytest
 from server.calls.webhook import WebhookSender, load_secret
 from server.config import ConfigError, load_config
 from server.metrics import Metrics
+from tests.ports import free_port
+from tests.waiting import async_wait_until
 from tests.webhookreceiver import WebhookReceiver
 
 SECRET = b"s3cret-for-tests"
@@ -38,10 +39,7 @@ def count(metrics: Metrics, outcome: str) -> float:
 
 
 def dead_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/hook"  # nothing listens there once the socket is closed
+    return f"http://127.0.0.1:{free_port()}/hook"  # a port nothing listens on, and no one else is given
 
 
 def test_signed_in_order_per_call_with_identical_retries():
@@ -107,7 +105,7 @@ def test_refused_and_exhausted_events_fail_alone():
             rx.fail_next(1, status=400)  # not retried
             ws.deliver(*body("A", 1))
             ws.deliver(*body("A", 2))
-            await asyncio.sleep(0.5)
+            await async_wait_until(lambda: len(rx.requests) == 2, what="events 1 and 2 answered")
             rx.fail_next(3, status=500)  # every try of event 3 fails
             ws.deliver(*body("A", 3))
             ws.deliver(*body("A", 4))
@@ -139,29 +137,32 @@ def test_retry_after_is_honoured():
 
 
 def test_a_slow_call_does_not_hold_back_another():
+    """A call whose webhook requests hang does not hold back another call's events; its own go
+    one after another, in order."""
     with WebhookReceiver(secret=SECRET) as rx:
-        rx.delay_call("slow", 1.0)
+        rx.hold_call("slow")  # its requests get no answer until released
 
         async def main():
-            ws, _ = sender(rx.url)
-            t0 = time.monotonic()
+            ws, _ = sender(rx.url, **{"webhook.timeout_s": "60"})
             for seq in range(1, 4):
                 ws.deliver(*body("slow", seq))
                 ws.deliver(*body("fast", seq))
-            fast_done = None
-            while fast_done is None:
-                if len(rx.events_for("fast")) == 3:
-                    fast_done = time.monotonic() - t0
-                await asyncio.sleep(0.01)
+            await async_wait_until(lambda: len(rx.events_for("fast")) == 3 and rx.arrived("slow"),
+                                   what="the fast call's 3 events delivered and the slow call's first sent")
+            slow_meanwhile = (rx.arrived("slow"), rx.events_for("slow"))
+            await asyncio.to_thread(rx.release_call, "slow")
             await ws.close(10)
-            return fast_done, time.monotonic() - t0
+            return slow_meanwhile
 
-        fast_done, all_done = asyncio.run(main())
-    assert fast_done < 0.8, fast_done  # not behind even one of the slow call's 1 s answers
-    assert all_done >= 3.0  # the slow call's three events went one after another
+        slow_arrived, slow_answered = asyncio.run(main())
+    # All of the fast call went while the slow call's first request still hung, and the slow
+    # call's second was not sent before its first was answered.
+    assert slow_arrived == ["slow-1"] and slow_answered == []
     assert [e["seq"] for e in rx.events_for("slow")] == [1, 2, 3]
+    assert [r.event["seq"] for r in rx.requests_for("slow")] == [1, 2, 3]  # each sent once
 
 
+@pytest.mark.timing  # a bound on wall time
 def test_deliver_never_waits_and_drops_oldest_partials_first():
     url = dead_url()
 
@@ -188,6 +189,7 @@ def test_deliver_never_waits_and_drops_oldest_partials_first():
     assert count(metrics, "dropped") == 2
 
 
+@pytest.mark.timing  # a bound on wall time
 def test_close_gives_up_at_its_deadline_and_counts_the_loss():
     async def main():
         ws, metrics = sender(dead_url(), **{"webhook.max_attempts": "100", "webhook.max_backoff_s": "0.5"})
@@ -220,18 +222,21 @@ def test_secret_from_env_or_file(tmp_path):
     assert load_secret(load_config(None, {"webhook.url": "http://x/hook"}), {}) is None
 
 
+@pytest.mark.timing  # a bound on wall time
 def test_close_cancels_a_hanging_request():
     with WebhookReceiver(secret=SECRET) as rx:
-        rx.delay_call("A", 5.0)
+        rx.hold_call("A")  # no answer until released
 
         async def main():
             ws, metrics = sender(rx.url, **{"webhook.timeout_s": "30"})
             ws.deliver(*body("A", 1))
             ws.deliver(*body("A", 2))
-            await asyncio.sleep(0.3)  # the first request is in flight, hanging
+            await async_wait_until(lambda: rx.arrived("A"), what="the first request in flight")
             t0 = time.monotonic()
             await ws.close(1.0)
-            return time.monotonic() - t0, metrics
+            took = time.monotonic() - t0
+            await asyncio.to_thread(rx.release_call, "A")
+            return took, metrics
 
         took, metrics = asyncio.run(main())
     assert took < 2.0, took

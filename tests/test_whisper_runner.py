@@ -22,10 +22,24 @@ def clips():
     return [read_clip(c) for c in CLIPS]
 
 
-def test_wer_on_real_speech_at_most_5_percent(whisper_runner, clips):
+@pytest.fixture(scope="module")
+def six_batched(whisper_runner, clips):
+    """The six clips in one batch, default options (computed once: several tests check it),
+    and the CPU seconds it took (printed, not asserted)."""
     t0 = time.process_time()
     results = whisper_runner.transcribe(clips, [ItemOptions()] * len(clips))
-    cpu = time.process_time() - t0
+    return results, time.process_time() - t0
+
+
+@pytest.fixture(scope="module")
+def first_three(whisper_runner, clips):
+    """The first three clips batched, eager decoder steps: finals and greedy partials."""
+    return (whisper_runner.transcribe(clips[:3], [ItemOptions()] * 3),
+            whisper_runner.transcribe(clips[:3], [ItemOptions(partial=True)] * 3))
+
+
+def test_wer_on_real_speech_at_most_5_percent(six_batched, clips):
+    results, cpu = six_batched
     refs = [TRANSCRIPTS[c.name] for c in CLIPS]
     hyps = [r.text for r in results]
     wer = word_error_rate(refs, hyps)
@@ -38,8 +52,8 @@ def test_wer_on_real_speech_at_most_5_percent(whisper_runner, clips):
     assert all(r.fields["no_speech_prob"] < 0.5 for r in results)
 
 
-def test_mixed_length_batch_equals_one_at_a_time(whisper_runner, clips):
-    batch = whisper_runner.transcribe(clips, [ItemOptions()] * len(clips))
+def test_mixed_length_batch_equals_one_at_a_time(whisper_runner, clips, six_batched):
+    batch, _ = six_batched
     single = [whisper_runner.transcribe([c], [ItemOptions()])[0] for c in clips]
     for b, s in zip(batch, single):
         assert b.fields["tokens"] == s.fields["tokens"]
@@ -157,13 +171,12 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
         WhisperRunner(RunnerConfig(model=str(tmp_path))).load()
 
 
-def test_static_decoder_steps_equal_eager(whisper_runner, clips):
+def test_static_decoder_steps_equal_eager(whisper_runner, clips, first_three):
     """The static-buffer step path (what CUDA graphs replay on GPU) run eagerly on CPU gives
     the same tokens as the plain decoder, for batches smaller than their bucket too, for the
     greedy partials (1 row per item) and the beam-search finals (5 rows per item)."""
     opts, partial = [ItemOptions()] * 3, [ItemOptions(partial=True)] * 3
-    eager = whisper_runner.transcribe(clips[:3], opts)
-    eager_partial = whisper_runner.transcribe(clips[:3], partial)
+    eager, eager_partial = first_three
     whisper_runner.steps = {g: whisper_runner._make_steps(static=True, group=g) for g in (1, 5)}
     try:
         assert all(s is not None and s.replays == 0 for s in whisper_runner.steps.values())
@@ -178,10 +191,11 @@ def test_static_decoder_steps_equal_eager(whisper_runner, clips):
     assert single[0].fields["tokens"] == eager[0].fields["tokens"]
 
 
-def test_sparse_end_of_text_checks_give_identical_results(whisper_runner, clips):
+def test_sparse_end_of_text_checks_give_identical_results(whisper_runner, clips, first_three):
     """Checking 'every row ended?' only every 8th step (the GPU default: each check is a device
     sync) runs a few extra steps on ended rows but must not change a token or a score."""
-    every_step = whisper_runner.transcribe(clips[:3], [ItemOptions()] * 3)
+    assert whisper_runner.config.whisper.eot_check_interval == 0  # automatic: every step on CPU, as the fixture ran
+    every_step = first_three[0]
     base = whisper_runner.config
     whisper_runner.config = dataclasses.replace(
         base, whisper=dataclasses.replace(base.whisper, eot_check_interval=8))

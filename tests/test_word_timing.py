@@ -28,6 +28,7 @@ FRAME_MS = 20
 # -30..+30 ms from the energy onsets, word ends before pauses -240..+150 ms from the energy
 # offsets. Tolerances leave about 3x / 1.5x of that for other devices, dtypes and decoding
 # changes; plain DTW starts (onset_fraction=0) are off by up to 1170 ms and fail them.
+# README.md and docs/protocol.md state both: the measured figures and these tested bounds.
 ONSET_TOLERANCE_MS = 100
 OFFSET_TOLERANCE_MS = 350
 

@@ -77,7 +77,7 @@ async def twilio_call(
     call_sid: str,
     tracks: dict[str, np.ndarray],
     *,
-    speed: float = 1.0,
+    speed: float | None = 1.0,
     custom: dict[str, str] | None = None,
     headers: dict[str, str] | None = None,
     stream_sid: str = "MZ00000000000000000000000000000001",
@@ -88,7 +88,8 @@ async def twilio_call(
     after_start: list[str | bytes] | None = None,
 ) -> TwilioRun:
     """Stream ``tracks`` (8 kHz float audio per track name) as one Twilio stream, paced at
-    ``speed`` x real time, all tracks in step (one frame of each every 20 ms).
+    ``speed`` x real time (None: as fast as the socket takes it), all tracks in step (one frame of
+    each every 20 ms of audio).
 
     ``timestamp_jump=(at_ms, by_ms)``: from ``at_ms`` of audio on, timestamps run ``by_ms``
     ahead (frames Twilio did not send). ``stop=False`` closes the socket without ``stop``.
@@ -124,8 +125,9 @@ async def twilio_call(
                         await ws.send(sender.media(name, i + 1, stamp, chunk))
                 if dtmf_at_ms and ms in dtmf_at_ms:
                     await ws.send(sender.dtmf(dtmf_at_ms[ms]))
-                due = t0 + (i + 1) * FRAME_MS / 1000.0 / speed
-                delay = due - loop.time()
+                if speed is None:
+                    continue
+                delay = t0 + (i + 1) * FRAME_MS / 1000.0 / speed - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
             if stop:

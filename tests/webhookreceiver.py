@@ -3,7 +3,9 @@
 It records every request, checks each ``X-Chorus-Signature`` itself (HMAC-SHA256 of the raw
 body with the secret it was given, computed here, not by server code), and answers as told:
 ``fail_next(n, status, retry_after)`` fails the next n requests, ``delay_call(call_id, s)`` answers that
-call's requests late. Thread-safe: the server runs on its own loop, tests read from theirs.
+call's requests late, ``hold_call(call_id)`` holds them unanswered until ``release_call(call_id)``.
+``arrivals`` lists every request as it arrives (call id, event id), before it is answered.
+Thread-safe: the server runs on its own loop, tests read from theirs.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import asyncio
 import hashlib
 import hmac
 import json
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from aiohttp import web
+
+from tests.ports import free_port
+from tests.waiting import wait_until
 
 
 @dataclass
@@ -41,11 +45,11 @@ class WebhookReceiver:
         self._lock = threading.Lock()
         self._fail: list[tuple[int, str | None]] = []  # (status, Retry-After) for the next requests
         self._delays: dict[str, float] = {}
+        self._holds: dict[str, asyncio.Event] = {}  # created and set on the receiver's loop
+        self.arrivals: list[tuple[str | None, str | None]] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self._runner: web.AppRunner | None = None
 
     @property
@@ -61,6 +65,24 @@ class WebhookReceiver:
         with self._lock:
             self._delays[call_id] = seconds
 
+    def hold_call(self, call_id: str) -> None:
+        """Leave that call's requests unanswered until ``release_call``."""
+        asyncio.run_coroutine_threadsafe(self._hold(call_id), self._loop).result(10)
+
+    def release_call(self, call_id: str) -> None:
+        asyncio.run_coroutine_threadsafe(self._release(call_id), self._loop).result(10)
+
+    async def _hold(self, call_id: str) -> None:
+        self._holds[call_id] = asyncio.Event()
+
+    async def _release(self, call_id: str) -> None:
+        self._holds.pop(call_id).set()
+
+    def arrived(self, call_id: str) -> list[str | None]:
+        """Event ids of that call's requests that have arrived, answered or not."""
+        with self._lock:
+            return [event_id for c, event_id in self.arrivals if c == call_id]
+
     def check(self, body: bytes, header: str | None) -> bool | None:
         if self.secret is None:
             return None
@@ -75,10 +97,14 @@ class WebhookReceiver:
         except ValueError:
             call_id = None
         with self._lock:
+            self.arrivals.append((call_id, request.headers.get("X-Chorus-Event-Id")))
             delay = self._delays.get(call_id, 0.0)
             status, retry_after = self._fail.pop(0) if self._fail else (200, None)
         if delay:
             await asyncio.sleep(delay)
+        hold = self._holds.get(call_id)
+        if hold is not None:
+            await hold.wait()
         sig = self.check(body, request.headers.get("X-Chorus-Signature"))
         if sig is False:
             status = 401
@@ -107,12 +133,10 @@ class WebhookReceiver:
             return [r for r in self.requests if r.event.get("call_id") == call_id]
 
     def wait_for(self, predicate: Callable[["WebhookReceiver"], bool], timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self):
-                return True
-            time.sleep(0.05)
-        raise AssertionError(f"webhook condition not met in {timeout} s; {len(self.requests)} request(s) so far")
+        try:
+            return wait_until(lambda: predicate(self), timeout, 0.05, "webhook condition")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; {len(self.requests)} request(s) so far") from None
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "WebhookReceiver":
