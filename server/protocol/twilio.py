@@ -201,7 +201,9 @@ def _start(obj: Mapping) -> Start:
         raise TwilioError(
             "unsupported_format",
             f"media format must be audio/x-mulaw (or audio/x-alaw), 8000 Hz, 1 channel; got "
-            f"{str(fmt.get('encoding'))[:32]!r}, {str(fmt.get('sampleRate'))[:16]}, {str(fmt.get('channels'))[:8]}",
+            # repr: a client's text may hold what UTF-8 cannot (an unpaired surrogate), and this
+            # message goes to the log as well as to the client.
+            f"{str(fmt.get('encoding'))[:32]!r}, {str(fmt.get('sampleRate'))[:16]!r}, {str(fmt.get('channels'))[:8]!r}",
         )
     custom = start.get("customParameters") or {}
     if not isinstance(custom, dict):
