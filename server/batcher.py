@@ -579,6 +579,7 @@ class MicroBatcher:
         pinned copies, kernel launches) overlaps the device work of batch N, and the device
         never idles between back-to-back batches. A batch is collected before any later one,
         so results reach sessions in launch order."""
+        self.runner.enter_worker_thread()
         inflight: _InFlight | None = None
         while True:
             batch = self._wait_for_batch(block=inflight is None)

@@ -7,6 +7,7 @@ requests go into which call; the real-model paths are covered by test_server.py.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import threading
 import time
@@ -557,3 +558,57 @@ def test_a_cancelled_job_drops_its_file_segments_and_metrics_count_each_class():
     assert 'chorus_batches_total{kind="file"} 1.0' in text and 'chorus_batches_total{kind="final"} 1.0' in text
     assert 'chorus_requests_total{kind="file"} 4.0' in text
     assert re.search(r'chorus_model_busy_seconds_total\{kind="file"\} [0-9.e-]+', text)
+
+
+class MatmulRunner(ModelRunner):
+    """Multiplies large matrices in its call and records the CPU time per wall second it took:
+    about the number of threads torch ran the product on."""
+
+    name = "matmul"
+
+    def __init__(self, num_threads: int) -> None:
+        super().__init__(RunnerConfig(num_threads=num_threads))
+        self.cores_used: list[float] = []
+
+    def load(self) -> None:
+        pass
+
+    def transcribe(self, audios, options):
+        import torch
+
+        a = torch.randn(1200, 1200)
+        # The process's CPU time per wall second: torch's pool threads work for this call too
+        # (measured on a machine with nothing else running: the test is `timing`).
+        t0, c0 = time.monotonic(), time.process_time()
+        for _ in range(40):
+            a @ a
+        self.cores_used.append((time.process_time() - c0) / (time.monotonic() - t0))
+        return [Transcript(text="x") for _ in audios]
+
+
+@pytest.mark.timing
+@pytest.mark.skipif(os.cpu_count() < 2, reason="needs 2 cores to tell one thread from several")
+def test_runner_num_threads_holds_in_the_thread_that_runs_the_calls():
+    """`runner.num_threads` 1 on a 2-core machine: the served calls use one core. torch's thread
+    count is per OS thread; it used to be set only in the thread that loaded the model, and the
+    batcher's worker ran on every core."""
+    import torch
+
+    async def main(r):
+        b = make(r)
+        b.start(asyncio.get_running_loop())
+        try:
+            await b.submit(audio(1.0), ItemOptions(), Kind.FINAL, "s")
+        finally:
+            b.stop()
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as `load` does with num_threads 1, in the loading thread
+        one, default = MatmulRunner(num_threads=1), MatmulRunner(num_threads=0)
+        run(main(one))
+        run(main(default))
+    finally:
+        torch.set_num_threads(before)
+    assert default.cores_used[0] > 1.5, default.cores_used  # the measure tells one core from two
+    assert one.cores_used[0] < 1.3, one.cores_used

@@ -10,6 +10,7 @@ test renders that same transcription through the CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import contextlib
 import io
 import json
@@ -62,7 +63,8 @@ def loaded_model(whisper_runner):
     """The CLI gets the session's loaded runner instead of building and loading its own, when
     the config asks for the same model (anything else would not be what the CLI runs)."""
     def load(config):
-        assert config.runner == whisper_runner.config, config.runner
+        # The same model; the thread count is the test worker's (tests/conftest.py).
+        assert config.runner == dataclasses.replace(whisper_runner.config, num_threads=config.runner.num_threads), config.runner
         return whisper_runner
 
     with pytest.MonkeyPatch.context() as mp:

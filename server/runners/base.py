@@ -130,6 +130,15 @@ class ModelRunner(abc.ABC):
     def load(self) -> None:
         """Read weights, move to the configured device and dtype, warm up if configured."""
 
+    def enter_worker_thread(self) -> None:
+        """Called by the batcher's worker thread before its first model call. torch's CPU thread
+        count (`runner.num_threads`) holds per OS thread: set where `load` ran, it did not reach
+        the thread that runs every served call."""
+        if self.config.num_threads > 0:
+            import torch  # torch-based runners only ask for it; the base stays importable without
+
+            torch.set_num_threads(self.config.num_threads)
+
     @abc.abstractmethod
     def transcribe(self, audios: Sequence[np.ndarray], options: Sequence[ItemOptions]) -> list[ItemResult]:
         """Recognise a batch of float32 mono 16 kHz arrays of any lengths; one result per item:
