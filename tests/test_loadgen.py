@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from client_demo.loadgen import (
     _scrape, assign_finals, holds_target, largest_within, markdown, mean_batch_size, run_load, svg_plot, time_breakdown,
 )
@@ -56,6 +58,9 @@ def test_mean_batch_size_and_svg():
     assert svg.startswith("<svg") and svg.count("<polyline") == 2 and "target 300 ms" in svg
 
 
+# timing: real-time sessions, and the server's CPU time is compared with its stages' wall time,
+# which only means something while no other test shares the cores.
+@pytest.mark.timing
 def test_short_real_load_run(whisper_runner):
     cfg = make_config(**{"batcher.partial_interval_ms": 1000})
     with ServerThread(cfg, whisper_runner) as srv:
