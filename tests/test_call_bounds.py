@@ -36,7 +36,7 @@ from server.wer import word_error_rate
 from tests.audiosocketclient import audiosocket_call, frame
 from tests.ports import free_port
 from tests.serverharness import DATA, TRANSCRIPTS, ServerThread, make_config, pcm16, read_clip
-from tests.twilioclient import TwilioSender
+from tests.twilioclient import TwilioSender, stop_and_wait_closed
 from tests.waiting import wait_until
 
 log = logging.getLogger(__name__)
@@ -344,13 +344,7 @@ def test_twilio_start_with_an_unencodable_parameter_is_refused_before_the_call_o
                 # Its error message quotes the bad sample rate: an event JSON cannot carry.
                 await ws.send(sender.start(["inbound"], {}, rate="\ud800"))  # type: ignore[arg-type]
             await ws.send(sender.dtmf("5"))
-            await ws.send(sender.stop())
-            try:
-                async for _ in ws:
-                    pass
-            except ConnectionClosed:
-                pass
-            return ws.close_code
+            return await stop_and_wait_closed(ws, sender)
 
     async def main():
         ready = asyncio.Event()

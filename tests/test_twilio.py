@@ -18,14 +18,13 @@ from typing import Callable
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 from server.audio.codecs import encode_mulaw
 from server.protocol.twilio import signature
 from tests.callrecorder import CallRecorder
 from tests.serverharness import DATA, ServerThread, clip_wer, handshake, make_config
 from tests.telephony import at_8k, clips_8k, final_text, pooled_reference, pooled_wer, reference_bound
-from tests.twilioclient import FRAME_SAMPLES, TwilioSender, twilio_call
+from tests.twilioclient import FRAME_SAMPLES, TwilioSender, stop_and_wait_closed, twilio_call
 from tests.waiting import async_wait_until
 from tests.webhookreceiver import WebhookReceiver
 
@@ -293,13 +292,7 @@ def test_a_call_is_one_session_and_subscribers_have_their_own_limit(whisper_runn
                 refused = await status("/v1/twilio")
                 async with connect(base + "/v1/calls?call_id=*"):  # while both session slots are taken
                     second_sub = await status("/v1/calls?call_id=*")
-                await call.send(sender.stop())
-                try:
-                    async for _ in call:
-                        pass
-                except ConnectionClosed:
-                    pass
-                closed = call.close_code
+                closed = await stop_and_wait_closed(call, sender)
             return charged, refused, second_sub, closed, await status("/v1/twilio")
 
         charged, refused, second_sub, closed, later = asyncio.run(main())

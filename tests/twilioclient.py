@@ -72,6 +72,17 @@ class TwilioSender:
         return self._frame("stop", {"stop": {"accountSid": self.account_sid, "callSid": self.call_sid}})
 
 
+async def stop_and_wait_closed(ws, sender: "TwilioSender") -> int | None:
+    """Send ``stop`` and read the socket until the server closes it; its close code."""
+    await ws.send(sender.stop())
+    try:
+        async for _ in ws:
+            pass
+    except ConnectionClosed:
+        pass
+    return ws.close_code
+
+
 async def twilio_call(
     url: str,
     call_sid: str,
