@@ -1,16 +1,17 @@
 """Shared fixtures (the real embedded Whisper runner, loaded once per test process) and the
 rule that lets the suite run in two processes without weakening its claims about time.
 
-The suite runs in pytest-xdist workers. Most tests wait on sockets and timers more than they
-compute, so two of them share the two cores well; a test whose claim is about time (partials
+The suite runs in two pytest-xdist workers. Many tests spend part of their time waiting on
+sockets and timers (one process running four of the server test files used 1.3 of the 2 cores),
+so a second worker fills the idle core; a test whose claim is about time (partials
 while someone speaks at real time, a latency or wall-clock bound) must not share the CPU with
 another test's model calls. Such tests are marked ``timing``: each runs its whole protocol
 (setup, call, teardown) holding a machine-wide exclusive lock, while every other test holds the
 same lock shared. A turnstile keeps a waiting ``timing`` test from being starved by the other
 worker's stream of shared holders.
 
-Two workers each running torch with one intra-op thread per core oversubscribe the cores
-(OpenMP threads spin while they wait): measured here, two Whisper test files side by side took
+Two workers each running torch with one intra-op thread per core oversubscribe the cores:
+measured here, two Whisper test files side by side took
 150 s with two threads each and 100 s with one. So in a worker torch runs with one thread, in
 the test's own thread and (`runner.num_threads` 1) in the batcher threads of the servers on the
 shared Whisper runner. A ``timing`` test has the machine to itself but keeps that one thread:
